@@ -1,0 +1,356 @@
+"""DecentOptimWrapper: decentralized (gossip) averaging around any ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, overload
+
+import torch
+import torch.distributed as dist
+from loguru import logger
+from torch.optim import Optimizer
+
+from .buckets import Bucket, build_buckets, layout_digest
+from .comm import GossipEngine
+from .topo import Schedule, Topology, TopologyFactory
+
+__all__ = ["DecentOptimWrapper"]
+
+_STATE_KEY = "decent_optim_wrapper"
+
+
+class DecentOptimWrapper(Optimizer):
+    """Wrap ``optimizer`` so that every :meth:`step` also averages parameters with topology neighbours.
+
+    ``step()`` waits for the averaging launched by the previous step and writes it into the parameters,
+    runs the inner optimizer's step, then launches non-blocking averaging over this round's group, so the
+    communication overlaps the next forward and backward (D-PSGD: ``y <- W_t y - lr * update``).
+
+    Args:
+        optimizer: the optimizer to wrap; its parameters become views into flat buckets.
+        rank: this process's rank; default ``torch.distributed.get_rank()``.
+        world_size: number of processes; default ``torch.distributed.get_world_size()``, or 1 when no
+            process group is initialised.
+        local_world_size: processes per node (used by hierarchical topologies); default the
+            ``LOCAL_WORLD_SIZE`` environment variable that ``torchrun`` sets, else 1.
+        topology: a registered topology name (see ``TopologyFactory.available()``), a ``Topology``
+            subclass or instance.
+        bucket_cap_mb: largest bucket, in MiB; one set of buckets per (device, dtype).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        rank: int | None = None,
+        world_size: int | None = None,
+        local_world_size: int | None = None,
+        topology: str | Topology | type[Topology] = "ring",
+        bucket_cap_mb: float = 25,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise ValueError(f"Invalid optimizer of type {type(optimizer).__name__}. Must be a torch.optim.Optimizer.")
+        if isinstance(optimizer, DecentOptimWrapper):
+            raise ValueError("Invalid optimizer: it is already a DecentOptimWrapper; wrap the inner optimizer once.")
+        self._init_optimizer_hooks()
+        self._optimizer = optimizer
+        self._rank, self._world_size, error = _resolve_rank_and_world_size(rank, world_size)
+        self._local_world_size = _resolve_local_world_size(local_world_size)
+        self._round = 0
+        self._backup: tuple[list[torch.Tensor], Any] | None = None
+        self._relaunch_round: int | None = None
+
+        # Problems found locally are shared with every rank before anyone raises, so a bad schedule or a
+        # mismatched model on one rank can never leave the others waiting in a collective.
+        self._topology: Topology | None = None
+        schedule: Schedule | None = None
+        if error is None:
+            try:
+                self._topology = _make_topology(topology, self._rank, self._world_size, self._local_world_size)
+                schedule = self._topology.schedule()
+            except ValueError as exc:
+                error = str(exc)
+        self._buckets: list[Bucket] = build_buckets(self._params(), bucket_cap_mb)
+        self._bucket_cap_mb = bucket_cap_mb
+        if self._world_size > 1:
+            self._agree(error, schedule.digest() if schedule else "", "constructing DecentOptimWrapper")
+        elif error is not None:
+            raise ValueError(error)
+        if schedule is None:  # unreachable: a missing schedule comes with an error, raised above
+            raise RuntimeError("internal error: no schedule and no error")
+        self._schedule = schedule
+
+        if self._world_size > 1:
+            with torch.no_grad():
+                for b in self._buckets:
+                    dist.broadcast(b.flat, src=0)
+        self._engine = GossipEngine(schedule, self._rank, self._buckets)
+        logger.debug(
+            "rank {}/{}: topology {} with period {}, {} bucket(s)",
+            self._rank, self._world_size, self._topology.name, schedule.period, len(self._buckets),
+        )
+
+    # ------------------------------------------------------------------ torch.optim.Optimizer facade
+    def _init_optimizer_hooks(self) -> None:
+        # What Optimizer.__init__ sets up for step/state_dict hooks, without building a second set of
+        # param_groups: those belong to the inner optimizer.
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._patch_step_function()
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The wrapped optimizer."""
+        return self._optimizer
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self._optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._optimizer.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self._optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self._optimizer.defaults = value
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def local_world_size(self) -> int:
+        return self._local_world_size
+
+    @property
+    def topology(self) -> Topology:
+        return self._topology  # type: ignore[return-value]  # set whenever construction succeeded
+
+    @property
+    def schedule(self) -> Schedule:
+        return self._schedule
+
+    @property
+    def round(self) -> int:
+        """Number of averaging rounds launched so far (``step()`` calls since construction or resume)."""
+        return self._round
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        return self._buckets
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self._optimizer.param_groups for p in g["params"]]
+
+    def __repr__(self) -> str:
+        return (f"DecentOptimWrapper(rank={self._rank}, world_size={self._world_size}, "
+                f"topology={self.topology.name!r}, optimizer={self._optimizer!r})")
+
+    # ------------------------------------------------------------------ training
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Apply the previous round's averaging, take the inner optimizer's step, launch this round's."""
+        self._drop_backup()
+        self._finish_pending()
+        loss = self._optimizer.step() if closure is None else self._optimizer.step(closure)
+        self._engine.launch(self._schedule.group(self._rank, self._round))
+        self._round += 1
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _finish_pending(self) -> None:
+        if self._relaunch_round is not None:
+            # Resumed from a checkpoint taken while round k was in flight: the parameters loaded are the
+            # ones that round was averaging, so running it again reproduces its result exactly.
+            rnd, self._relaunch_round = self._relaunch_round, None
+            self._engine.launch(self._schedule.group(self._rank, rnd))
+        self._engine.finish()
+
+    # ------------------------------------------------------------------ global averaging
+    @torch.no_grad()
+    def global_avg(self, may_revert: bool = True) -> None:
+        """Replace every worker's parameters by the mean over all workers (for evaluation or export).
+
+        The averaging in flight is set aside, not applied. With ``may_revert=True`` the parameters and that
+        averaging are kept until :meth:`revert_global_avg`, after which training continues exactly as if
+        this call never happened; the next :meth:`step` without a revert drops them.
+        """
+        pending = self._engine.detach()
+        relaunch, self._relaunch_round = self._relaunch_round, None
+        if may_revert and self._backup is None:
+            self._backup = ([b.flat.clone() for b in self._buckets], (pending, relaunch))
+        if self._world_size > 1:
+            scale = 1.0 / self._world_size
+            for b in self._buckets:
+                b.flat.mul_(scale)
+                dist.all_reduce(b.flat, op=dist.ReduceOp.SUM)
+
+    @torch.no_grad()
+    def revert_global_avg(self) -> None:
+        """Undo :meth:`global_avg`: restore the parameters and the averaging that was in flight."""
+        if self._backup is None:
+            raise RuntimeError(
+                "revert_global_avg() has nothing to revert: call global_avg(may_revert=True) first, and revert "
+                "before the next step()."
+            )
+        flats, (pending, relaunch) = self._backup
+        self._backup = None
+        for b, saved in zip(self._buckets, flats):
+            b.flat.copy_(saved)
+        self._engine.attach(pending)
+        self._relaunch_round = relaunch
+
+    def _drop_backup(self) -> None:
+        if self._backup is not None:
+            logger.debug("rank {}: step() after global_avg() without revert; training goes on from the average",
+                         self._rank)
+            self._backup = None
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict plus this wrapper's round counter and schedule fingerprint."""
+        sd = self._optimizer.state_dict()
+        sd[_STATE_KEY] = {
+            "round": self._round,
+            "world_size": self._world_size,
+            "topology": self.topology.name,
+            "schedule": self._schedule.digest(),
+            "pending": self._engine.pending or self._relaunch_round is not None,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or a plain one of the inner optimizer)."""
+        state_dict = dict(state_dict)
+        own = state_dict.pop(_STATE_KEY, None)
+        if own is None:
+            warnings.warn(
+                "state_dict has no DecentOptimWrapper entry (a plain optimizer state dict?); the topology "
+                "schedule restarts at round 0.", stacklevel=2,
+            )
+            own = {"round": 0, "world_size": self._world_size, "schedule": self._schedule.digest(), "pending": False}
+        if own["world_size"] != self._world_size:
+            raise ValueError(
+                f"Cannot load a state dict saved with world_size={own['world_size']} into a wrapper with "
+                f"world_size={self._world_size}."
+            )
+        if own["schedule"] != self._schedule.digest():
+            raise ValueError(
+                f"Cannot load a state dict saved with topology {own.get('topology')!r} (schedule "
+                f"{own['schedule']}) into a wrapper with topology {self.topology.name!r} "
+                f"(schedule {self._schedule.digest()})."
+            )
+        self._optimizer.load_state_dict(state_dict)
+        self._engine.detach()  # whatever was in flight belongs to the run being replaced
+        self._backup = None
+        self._round = int(own["round"])
+        self._relaunch_round = self._round - 1 if own["pending"] and self._round > 0 else None
+
+    # ------------------------------------------------------------------ helpers
+    def _agree(self, error: str | None, schedule_digest: str, what: str) -> None:
+        """Check that all ranks are consistent; every rank raises the same ValueError if they are not."""
+        mine = (error, schedule_digest, layout_digest(self._buckets))
+        everyone: list[Any] = [None] * self._world_size
+        dist.all_gather_object(everyone, mine)
+        if error is not None:
+            raise ValueError(error)
+        failed = [(r, e[0]) for r, e in enumerate(everyone) if e[0] is not None]
+        if failed:
+            raise ValueError(f"rank {failed[0][0]} failed while {what}: {failed[0][1]}")
+        if len({e[1] for e in everyone}) != 1:
+            raise ValueError(
+                f"Ranks built different topology schedules while {what} (fingerprints by rank: "
+                f"{[e[1] for e in everyone]}); a custom topology must not depend on anything but rank, "
+                "world_size and local_world_size."
+            )
+        if len({e[2] for e in everyone}) != 1:
+            raise ValueError(
+                f"Ranks hold different parameter layouts while {what} (fingerprints by rank: "
+                f"{[e[2] for e in everyone]}); every rank must build the same model and optimizer, with "
+                "parameters in the same order, shapes and dtypes."
+            )
+
+
+def _resolve_rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int, str | None]:
+    """The actual (rank, world_size), and an error to share with the other ranks if the arguments disagree."""
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"Invalid {name}={value!r}. Must be an int or None.")
+    if dist.is_available() and dist.is_initialized():
+        actual_rank, actual_ws = dist.get_rank(), dist.get_world_size()
+        error = None
+        if world_size is not None and world_size != actual_ws:
+            error = f"Invalid world_size={world_size}: the process group has {actual_ws} ranks."
+        elif rank is not None and rank != actual_rank:
+            error = f"Invalid rank={rank}: this process is rank {actual_rank} of the process group."
+        return actual_rank, actual_ws, error
+    ws = 1 if world_size is None else world_size
+    r = 0 if rank is None else rank
+    if ws != 1 or r != 0:
+        raise ValueError(
+            f"Invalid rank={rank}, world_size={world_size}: torch.distributed is not initialised. Call "
+            "torch.distributed.init_process_group() first (torchrun sets up the environment), or leave both "
+            "unset to train in a single process."
+        )
+    return 0, 1, None
+
+
+def _resolve_local_world_size(local_world_size: int | None) -> int:
+    if local_world_size is None:
+        env = os.environ.get("LOCAL_WORLD_SIZE")
+        if env is None:
+            return 1
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"Invalid LOCAL_WORLD_SIZE={env!r} in the environment. Must be an integer >= 1.")
+        return int(env)
+    if isinstance(local_world_size, bool) or not isinstance(local_world_size, int) or local_world_size < 1:
+        raise ValueError(f"Invalid local_world_size={local_world_size!r}. Must be an integer >= 1.")
+    return local_world_size
+
+
+def _make_topology(topology: Any, rank: int, world_size: int, local_world_size: int) -> Topology:
+    if isinstance(topology, str):
+        return TopologyFactory.create(topology, rank, world_size, local_world_size)
+    if isinstance(topology, type) and issubclass(topology, Topology):
+        return topology(rank, world_size, local_world_size, topology.__name__)
+    if isinstance(topology, Topology):
+        if topology.world_size != world_size or topology.rank != rank:
+            raise ValueError(
+                f"Invalid topology: it was built for rank {topology.rank} of {topology.world_size}, but this is "
+                f"rank {rank} of {world_size}."
+            )
+        return topology
+    raise ValueError(
+        f"Invalid topology={topology!r}. Must be a registered name ({TopologyFactory.available()}), "
+        "a Topology subclass or a Topology instance."
+    )
