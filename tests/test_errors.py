@@ -20,7 +20,7 @@ def _params() -> list[torch.nn.Parameter]:
     ({"bucket_cap_mb": "25"}, "Invalid bucket_cap_mb='25'. Must be a number > 0."),
     ({"topology": "hypercube-of-doom"}, "Unknown topology='hypercube-of-doom'"),
     ({"topology": 3}, "Invalid topology=3. Must be a registered name"),
-    ({"local_world_size": 0}, "Invalid local_world_size=0. Must be an integer >= 1."),
+    ({"local_world_size": -1}, "Invalid local_world_size=-1. Must be an integer >= 1."),
     ({"world_size": 4}, "Invalid rank=None, world_size=4: torch.distributed is not initialised."),
     ({"rank": 1}, "Invalid rank=1, world_size=None: torch.distributed is not initialised."),
     ({"rank": 1.0}, "Invalid rank=1.0. Must be an int or None."),
@@ -44,6 +44,8 @@ def test_bad_local_world_size_from_environment(monkeypatch: pytest.MonkeyPatch) 
         DecentOptimWrapper(torch.optim.SGD(_params(), lr=0.1))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert DecentOptimWrapper(torch.optim.SGD(_params(), lr=0.1)).local_world_size == 4
+    # the 0.1 README passes torch.cuda.device_count(), which is 0 on a CPU-only machine
+    assert DecentOptimWrapper(torch.optim.SGD(_params(), lr=0.1), local_world_size=0).local_world_size == 4
 
 
 def test_revert_without_global_avg() -> None:

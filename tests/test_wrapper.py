@@ -364,7 +364,7 @@ def _readme_quick_start(rank: int, world_size: int, topology: str) -> list[float
         optimizer=base_optimizer,
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
-        local_world_size=1,
+        local_world_size=torch.cuda.device_count(),  # as the README writes it: 0 on this CPU-only machine
         topology=topology,
         bucket_cap_mb=25,
     )

@@ -34,8 +34,8 @@ class DecentOptimWrapper(Optimizer):
         rank: this process's rank; default ``torch.distributed.get_rank()``.
         world_size: number of processes; default ``torch.distributed.get_world_size()``, or 1 when no
             process group is initialised.
-        local_world_size: processes per node (used by hierarchical topologies); default the
-            ``LOCAL_WORLD_SIZE`` environment variable that ``torchrun`` sets, else 1.
+        local_world_size: processes per node (used by hierarchical topologies); default (``None`` or 0)
+            the ``LOCAL_WORLD_SIZE`` environment variable that ``torchrun`` sets, else 1.
         topology: a registered topology name (see ``TopologyFactory.available()``), a ``Topology``
             subclass or instance.
         bucket_cap_mb: largest bucket, in MiB; one set of buckets per (device, dtype).
@@ -326,7 +326,9 @@ def _resolve_rank_and_world_size(rank: int | None, world_size: int | None) -> tu
 
 
 def _resolve_local_world_size(local_world_size: int | None) -> int:
-    if local_world_size is None:
+    # 0 is what the 0.1 README's `local_world_size=torch.cuda.device_count()` gives on a CPU-only machine:
+    # treat it as "not given" rather than rejecting the documented call.
+    if local_world_size is None or (local_world_size == 0 and not isinstance(local_world_size, bool)):
         env = os.environ.get("LOCAL_WORLD_SIZE")
         if env is None:
             return 1
