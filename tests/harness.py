@@ -1,106 +1,15 @@
-"""Run a function on N gloo ranks on CPU, each in its own process, with a hard timeout.
-
-Workers come from a forkserver that has imported torch once, so a 4-rank test starts in a fraction of a
-second instead of importing torch four times. Each rank meets the others through a FileStore in a fresh
-temporary file (never a fixed port). Any rank that raises, dies or outlives the timeout fails the test,
-with that rank's traceback in the message.
-"""
+"""The multi-rank test harness: N gloo ranks on CPU with a hard timeout (see decent_optim_wrapper.launch)."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import queue
-import tempfile
-import time
-import traceback
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
-_CTX = mp.get_context("forkserver")
-# torch.optim.Optimizer.__init__ imports torch._dynamo on first use: seconds per process, so preload it too.
-_CTX.set_forkserver_preload(["torch", "torch._dynamo", "torch.distributed", "decent_optim_wrapper", "harness"])
+from decent_optim_wrapper.launch import RankFailure, run_local
+
+__all__ = ["RankFailure", "run_ranks"]
 
 
-class RankFailure(AssertionError):
-    """Raised in the test process when a rank failed; carries every failing rank's traceback."""
-
-
-def _worker(fn: Callable[..., Any], rank: int, world_size: int, store_path: str, results: Any,
-            args: tuple, env: dict[str, str], pg_timeout_s: float) -> None:
-    os.environ.update(env)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        store = dist.FileStore(store_path, world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=pg_timeout_s))
-        try:
-            out = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
-        results.put((rank, "ok", out))
-    except BaseException:  # report anything, including SystemExit, to the test process
-        results.put((rank, "error", traceback.format_exc()))
-
-
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 60.0,
-              env: dict[str, str] | None = None, pg_timeout_s: float = 60.0,
-              allow_failure: bool = False) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results by rank.
-
-    With ``allow_failure=True`` a rank that raised returns ``RankFailure(traceback)`` in its slot instead
-    of failing the call (for tests that expect errors); hangs and crashes still fail.
-    """
-    fd, store_path = tempfile.mkstemp(prefix="dow-store-")
-    os.close(fd)
-    os.unlink(store_path)  # FileStore creates it
-    results = _CTX.Queue()
-    procs = [
-        _CTX.Process(target=_worker, args=(fn, r, world_size, store_path, results, args, env or {}, pg_timeout_s),
-                     daemon=True)
-        for r in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    out: dict[int, tuple[str, Any]] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < world_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                rank, status, value = results.get(timeout=min(remaining, 0.5))
-                out[rank] = (status, value)
-            except queue.Empty:
-                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in out]
-                if dead:
-                    time.sleep(0.5)  # let a dying rank's report arrive, if it sent one
-                    while not results.empty():
-                        rank, status, value = results.get()
-                        out[rank] = (status, value)
-                    dead = [i for i in dead if i not in out]
-                    if dead:
-                        raise RankFailure(f"rank(s) {dead} died with exit codes "
-                                          f"{[procs[i].exitcode for i in dead]}")
-    finally:
-        for p in procs:
-            p.join(timeout=2 if len(out) == world_size else 0)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        if os.path.exists(store_path):
-            os.unlink(store_path)
-    missing = [r for r in range(world_size) if r not in out]
-    if missing:
-        errors = "".join(f"\n--- rank {r} ---\n{v}" for r, (s, v) in sorted(out.items()) if s == "error")
-        raise RankFailure(f"rank(s) {missing} did not finish within {timeout}s{errors}")
-    errors = {r: v for r, (s, v) in out.items() if s == "error"}
-    if errors and not allow_failure:
-        raise RankFailure("".join(f"\n--- rank {r} ---\n{v}" for r, v in sorted(errors.items())))
-    return [RankFailure(out[r][1]) if out[r][0] == "error" else out[r][1] for r in range(world_size)]
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -> list[Any]:
+    """``run_local`` with the test modules preloaded in the forkserver."""
+    return run_local(fn, world_size, *args, preload=("harness",), **kwargs)

@@ -18,6 +18,8 @@ process group created once at construction, only by their members.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -26,7 +28,7 @@ from loguru import logger
 from .buckets import Bucket
 from .topo import Group, Schedule
 
-__all__ = ["GossipEngine"]
+__all__ = ["GossipEngine", "GossipError"]
 
 # Rounds still in flight when their engine was garbage-collected. gloo breaks the exchange for every later
 # send and receive if an in-flight point-to-point Work is destroyed, so such Works (and the tensors they
@@ -38,38 +40,67 @@ def _prune_orphans() -> None:
     _ORPHANS[:] = [o for o in _ORPHANS if not all(w.is_completed() for w in o[0])]
 
 
+class GossipError(RuntimeError):
+    """A gossip round failed: a peer died or timed out, or the ranks fell out of step."""
+
+
 @dataclass
 class _Round:
     """An averaging round that was launched and whose result is not yet applied."""
 
+    index: int
     group: Group
     n_buckets: int
     works: list[dist.Work] = field(default_factory=list)
+    # Round numbers exchanged with the data: the peer's (pairs) or [max, -min] over the group.
+    stamp: torch.Tensor | None = None
+    stamp_out: torch.Tensor | None = None
 
 
 class GossipEngine:
-    """Runs a :class:`Schedule` for one rank over a list of buckets, one round per :meth:`launch`."""
+    """Runs a :class:`Schedule` for one rank over a list of buckets, one round per :meth:`launch`.
 
-    def __init__(self, schedule: Schedule, rank: int, buckets: list[Bucket]) -> None:
+    Args:
+        schedule: the validated schedule; every rank must hold the same one.
+        rank: this process's rank.
+        buckets: the parameter buckets to average (more can be added with :meth:`add_buckets`).
+        pair_mode: ``"p2p"`` (default, measured faster on gloo) or ``"allreduce"`` for 2-rank groups.
+        timeout: how long a wait may block before a :class:`GossipError`; ``None`` uses the process
+            group's timeout.
+        check_rounds: send the round number along with the data, so ranks that called ``step()`` a
+            different number of times are caught instead of mixing with the wrong round's parameters.
+    """
+
+    def __init__(self, schedule: Schedule, rank: int, buckets: list[Bucket], *, pair_mode: str = "p2p",
+                 timeout: timedelta | None = None, check_rounds: bool = True) -> None:
+        if pair_mode not in ("p2p", "allreduce"):
+            raise ValueError(f"Invalid pair_mode={pair_mode!r}. Must be 'p2p' or 'allreduce'.")
+        self.pair_mode = pair_mode
         self.schedule = schedule
         self.rank = rank
         self.buckets = buckets
+        self.timeout = timeout
+        self.check_rounds = check_rounds
         # Persistent extra memory: one receive/reduce buffer per bucket, the size of the parameters.
         self.buffers = [torch.empty_like(b.flat) for b in buckets] if schedule.world_size > 1 else []
         self._pending: _Round | None = None
+        self._unchecked: _Round | None = None  # on CUDA a round's stamp is checked one round later
         self._process_groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         for t in range(schedule.period):
             group = schedule.group(rank, t)
-            if group.size > 2 and group.ranks not in self._process_groups:
+            if not self._is_p2p(group) and group.size > 1 and group.ranks not in self._process_groups:
                 self._process_groups[group.ranks] = self._new_process_group(group)
             logger.debug("rank {} round {}: group {} weight {}", rank, t, list(group.ranks), group.self_weight)
+
+    def _is_p2p(self, group: Group) -> bool:
+        return group.size == 2 and self.pair_mode == "p2p"
 
     def _new_process_group(self, group: Group) -> dist.ProcessGroup | None:
         if group.size == self.schedule.world_size:
             return None  # the default (world) group
         # Only the members create it: no O(world_size) group creation on every rank.
         logger.debug("rank {}: creating process group {}", self.rank, list(group.ranks))
-        return dist.new_group(list(group.ranks), use_local_synchronization=True)
+        return cast(dist.ProcessGroup, dist.new_group(list(group.ranks), use_local_synchronization=True))
 
     def __del__(self) -> None:
         pending = getattr(self, "_pending", None)
@@ -88,24 +119,35 @@ class GossipEngine:
         return self._pending is not None
 
     @torch.no_grad()
-    def launch(self, group: Group) -> None:
-        """Start averaging the buckets over ``group`` without blocking."""
+    def launch(self, round_: int) -> None:
+        """Start averaging the buckets over this rank's group of round ``round_`` without blocking."""
         if self._pending is not None:
             raise RuntimeError("GossipEngine.launch() called while a round is still pending; call finish() first.")
         if _ORPHANS:
             _prune_orphans()
-        if group.size == 1:
+        group = self.schedule.group(self.rank, round_)
+        if group.size == 1 or not self.buckets:
             return
-        rnd = _Round(group, len(self.buckets))
-        if group.size == 2:
+        rnd = _Round(round_, group, len(self.buckets))
+        device = self.buckets[0].flat.device
+        if self._is_p2p(group):
             peer = group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1]
             ops = []
+            if self.check_rounds:
+                rnd.stamp_out = torch.tensor([round_], dtype=torch.int64, device=device)
+                rnd.stamp = torch.empty_like(rnd.stamp_out)
+                ops += [dist.P2POp(dist.isend, rnd.stamp_out, peer, tag=0),
+                        dist.P2POp(dist.irecv, rnd.stamp, peer, tag=0)]
             for i, (b, buf) in enumerate(zip(self.buckets, self.buffers)):
-                ops.append(dist.P2POp(dist.isend, b.flat, peer, tag=i))
-                ops.append(dist.P2POp(dist.irecv, buf, peer, tag=i))
+                # The bucket is sent as it is: nothing writes it before the next step() waits for the send.
+                ops.append(dist.P2POp(dist.isend, b.flat, peer, tag=i + 1))
+                ops.append(dist.P2POp(dist.irecv, buf, peer, tag=i + 1))
             rnd.works = dist.batch_isend_irecv(ops)
         else:
             pg = self._process_groups[group.ranks]
+            if self.check_rounds:
+                rnd.stamp = torch.tensor([round_, -round_], dtype=torch.int64, device=device)
+                rnd.works.append(dist.all_reduce(rnd.stamp, op=dist.ReduceOp.MAX, group=pg, async_op=True))
             for b, buf in zip(self.buckets, self.buffers):
                 torch.mul(b.flat, group.peer_weight, out=buf)
                 rnd.works.append(dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg, async_op=True))
@@ -113,10 +155,52 @@ class GossipEngine:
 
     def wait(self) -> None:
         """Block until the pending round's communication is complete (its result stays in the buffers)."""
-        if self._pending is not None:
-            for w in self._pending.works:
-                w.wait()
-            self._pending.works = []
+        if self._unchecked is not None:
+            earlier, self._unchecked = self._unchecked, None
+            self._check_stamp(earlier)
+        rnd = self._pending
+        if rnd is None or not rnd.works:
+            return
+        for w in rnd.works:
+            try:
+                if self.timeout is None:
+                    w.wait()
+                else:
+                    w.wait(self.timeout)
+            except RuntimeError as exc:
+                self._pending = None
+                within = f" within {self.timeout.total_seconds():g} s" if self.timeout is not None else ""
+                raise GossipError(
+                    f"rank {self.rank}: averaging round {rnd.index} with ranks {list(rnd.group.ranks)} did not "
+                    f"complete{within}. A peer may have died, hung, or called step() a different number of "
+                    f"times than this rank. The process group is unusable now; restart from a checkpoint. "
+                    f"Cause: {exc}"
+                ) from exc
+        rnd.works = []
+        if rnd.stamp is not None:
+            if rnd.stamp.is_cuda:  # reading it now would stall the host; check at the next wait instead
+                self._unchecked = rnd
+            else:
+                self._check_stamp(rnd)
+
+    def _check_stamp(self, rnd: _Round) -> None:
+        assert rnd.stamp is not None
+        values = rnd.stamp.tolist()
+        if rnd.stamp_out is not None:  # a pair: the peer's round number
+            if values[0] != rnd.index:
+                self._pending = None
+                raise GossipError(
+                    f"rank {self.rank} is out of step: at its round {rnd.index} it averaged with rank "
+                    f"{[r for r in rnd.group.ranks if r != self.rank][0]}, which was at round {values[0]}. "
+                    "Every rank must call step() the same number of times and resume from the same step."
+                )
+        elif values[0] != rnd.index or -values[1] != rnd.index:
+            self._pending = None
+            raise GossipError(
+                f"rank {self.rank} is out of step: in its round {rnd.index} the group {list(rnd.group.ranks)} "
+                f"was at rounds {-values[1]} to {values[0]}. Every rank must call step() the same number of times "
+                "and resume from the same step."
+            )
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -127,7 +211,7 @@ class GossipEngine:
         rnd, self._pending = self._pending, None
         g = rnd.group
         for b, buf in zip(self.buckets[: rnd.n_buckets], self.buffers):
-            if g.size == 2:
+            if self._is_p2p(g):
                 b.flat.mul_(g.self_weight).add_(buf, alpha=1.0 - g.self_weight)
             elif g.weight is None:
                 b.flat.copy_(buf)
@@ -143,3 +227,17 @@ class GossipEngine:
     def attach(self, rnd: _Round | None) -> None:
         """Put back a round taken by :meth:`detach`; valid while nothing else has used the buffers."""
         self._pending = rnd
+
+    @torch.no_grad()
+    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over all ranks (blocking, bounded by the timeout)."""
+        n = self.schedule.world_size
+        works = []
+        for t in tensors:
+            t.mul_(1.0 / n)  # scale first, as the rounds do: x/n summed, never a sum that could overflow
+            works.append(dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True))
+        for w in works:
+            try:
+                w.wait() if self.timeout is None else w.wait(self.timeout)
+            except RuntimeError as exc:
+                raise GossipError(f"rank {self.rank}: global averaging did not complete. Cause: {exc}") from exc

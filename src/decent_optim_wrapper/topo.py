@@ -27,7 +27,11 @@ __all__ = [
     "Topology",
     "RingTopology",
     "CompleteTopology",
+    "OnePeerExpTopology",
+    "AlternatingExpRingTopology",
+    "TorusTopology",
     "TopologyFactory",
+    "exact_consensus_pairs",
 ]
 
 
@@ -63,6 +67,8 @@ class Group:
 
 def _as_group(entry: Any, where: str) -> Group:
     """Normalise a user-supplied group (list of ranks, tuple, or Group) into a sorted Group."""
+    ranks: Sequence[Any]
+    weight: Any
     if isinstance(entry, Group):
         ranks, weight = entry.ranks, entry.weight
     elif isinstance(entry, (list, tuple)):
@@ -274,6 +280,71 @@ class Topology:
         return self.schedule().group(self._rank, step)
 
 
+def _fill(rounds: list[list[Group]], world_size: int) -> list[list[Group]]:
+    """Give every rank not in any group of a round a group of its own (it keeps its parameters)."""
+    out = []
+    for groups in rounds:
+        covered = {r for g in groups for r in g.ranks}
+        out.append(list(groups) + [Group((r,)) for r in range(world_size) if r not in covered])
+    return out
+
+
+def _zip_rounds(*schedules: list[list[Group]]) -> list[list[Group]]:
+    """Run schedules over disjoint ranks side by side: round t is the union of their rounds t."""
+    length = max((len(s) for s in schedules), default=0)
+    return [[g for s in schedules if t < len(s) for g in s[t]] for t in range(length)]
+
+
+def _ring_pairs(members: Sequence[int]) -> list[list[Group]]:
+    """Pair rounds that use every edge of the ring ``members[0] - members[1] - ... - members[-1] - members[0]``.
+
+    Two rounds for an even ring (right then left neighbour), three for an odd one (its edges need three
+    colours), one for a ring of two, none for a single member.
+    """
+    n = len(members)
+    if n <= 1:
+        return []
+    if n == 2:
+        return [[Group(tuple(sorted(members)))]]
+
+    def edge(i: int) -> Group:
+        return Group(tuple(sorted((members[i], members[(i + 1) % n]))))
+
+    if n % 2 == 0:
+        return [[edge(i) for i in range(0, n, 2)], [edge(i) for i in range(1, n, 2)]]
+    return [[edge(i) for i in range(0, n - 1, 2)], [edge(i) for i in range(1, n - 1, 2)], [edge(n - 1)]]
+
+
+def exact_consensus_pairs(members: Sequence[int]) -> list[list[Group]]:
+    """Rounds of (weighted) pairs after which every member holds exactly the mean of ``members``.
+
+    With ``p = 2**m`` the largest power of two ``<= n`` and ``r = n - p``:
+
+    * ``r == 0``: the hypercube, ``m`` rounds; in round ``k`` member ``i`` averages with member ``i XOR 2**k``.
+    * otherwise: the first ``p`` members run the hypercube while the last ``r`` run this construction
+      recursively (side by side); then the ``j``-th of the last ``r`` pairs with the ``j``-th of the first
+      ``p`` with self-weight ``r/n``, which gives it exactly the global mean and leaves the first ``p`` with
+      mean equal to the global mean; a second hypercube over the first ``p`` finishes.
+      Rounds: ``T(n) = max(m, T(r)) + 1 + m`` (3 for n=3, 5 for n=6, 7 for n=12, 9 for n=24).
+
+    Every round is a set of disjoint pairs with doubly stochastic weights: one peer per worker per round.
+    """
+    n = len(members)
+    if n <= 1:
+        return []
+    m = n.bit_length() - 1
+    p = 1 << m
+    core = list(members[:p])
+    cube = [[Group(tuple(sorted((core[i], core[i ^ (1 << k)])))) for i in range(p) if i < i ^ (1 << k)]
+            for k in range(m)]
+    r = n - p
+    if r == 0:
+        return cube
+    rest = list(members[p:])
+    fold = [Group(tuple(sorted((core[j], rest[j]))), r / n) for j in range(r)]
+    return _zip_rounds(cube, exact_consensus_pairs(rest)) + [fold] + cube
+
+
 class RingTopology(Topology):
     """Each worker averages with one ring neighbour per round, alternating right and left.
 
@@ -287,19 +358,9 @@ class RingTopology(Topology):
         n = self._world_size
         if n == 1:
             return [[Group((0,))]]
-        if n % 2 == 0:
-            first = [Group((i, i + 1)) for i in range(0, n, 2)]
-            second = [Group((i, i + 1)) for i in range(1, n - 1, 2)] + [Group((0, n - 1))]
-            return [first, second]
-
-        def pairs(start: int, stop: int) -> list[Group]:
-            return [Group((i, i + 1)) for i in range(start, stop, 2)]
-
-        singles = lambda ranks: [Group((r,)) for r in ranks]  # noqa: E731
-        r0 = pairs(0, n - 1) + singles([n - 1])
-        r1 = singles([0]) + pairs(1, n - 1)
-        r2 = [Group((0, n - 1))] + singles(range(1, n - 1))
-        return [r0, r1, r2]
+        if n == 2:  # 0.1 used a period of two here too (the same pair twice)
+            return [[Group((0, 1))], [Group((0, 1))]]
+        return _fill(_ring_pairs(range(n)), n)
 
 
 class CompleteTopology(Topology):
@@ -309,12 +370,82 @@ class CompleteTopology(Topology):
         return [[Group(tuple(range(self._world_size)))]]
 
 
+class OnePeerExpTopology(Topology):
+    """One peer per round at exponentially growing distance, with exact consensus once a period.
+
+    For ``n = 2**m`` workers the period is ``m`` rounds and in round ``k`` worker ``i`` averages with
+    ``i XOR 2**k`` (distance ``2**k``): the product of the ``m`` mixing matrices is exactly the global
+    average. Other world sizes use :func:`exact_consensus_pairs`, also exact once a period, with some
+    workers idle in some rounds and a few weighted pairs.
+    """
+
+    def rounds(self) -> list[list[Group]]:
+        n = self._world_size
+        return _fill(exact_consensus_pairs(range(n)), n) or [[Group((0,))]]
+
+
+class AlternatingExpRingTopology(Topology):
+    """Hierarchical: rounds alternate between averaging inside a node and a one-peer exchange between nodes.
+
+    Ranks ``[a*L, (a+1)*L)`` form node ``a`` (``L = local_world_size``, as torchrun numbers them). Intra-node
+    rounds average each node's ranks together (one all-reduce over fast local links). Inter-node rounds pair
+    local rank ``j`` of node ``a`` with local rank ``j`` of node ``b`` following
+    :func:`exact_consensus_pairs` over the nodes, so after one period all workers hold the exact mean.
+    With one rank per node it is ``one-peer-exp``; with one node, ``complete``.
+    """
+
+    def rounds(self) -> list[list[Group]]:
+        n, local = self._world_size, self._local_world_size
+        if n % local != 0:
+            raise ValueError(
+                f"Invalid local_world_size={local} for alternating-exp-ring: world_size={n} must be a multiple of it."
+            )
+        nodes = n // local
+        intra = [Group(tuple(range(a * local, (a + 1) * local))) for a in range(nodes)]
+        inter = [
+            [Group(tuple(sorted((g.ranks[0] * local + j, g.ranks[1] * local + j))), g.weight)
+             for g in groups for j in range(local)]
+            for groups in exact_consensus_pairs(range(nodes))
+        ]
+        if local == 1:
+            rounds = inter
+        elif not inter:
+            rounds = [intra]
+        else:
+            rounds = [r for pair in zip([intra] * len(inter), inter) for r in pair]
+        return _fill(rounds, n) or [[Group((0,))]]
+
+
+class TorusTopology(Topology):
+    """A 2-D torus: ranks on an ``R x C`` grid (``R <= C``, ``R*C = n``, as close to square as n allows).
+
+    Rank ``i*C + j`` sits at row ``i``, column ``j``. Rounds first run the ring schedule along every row at
+    once, then along every column: each worker averages with one of its four grid neighbours per round.
+    A prime world size gives a ``1 x n`` grid, i.e. a ring.
+    """
+
+    @staticmethod
+    def shape(world_size: int) -> tuple[int, int]:
+        rows = max(d for d in range(1, math.isqrt(world_size) + 1) if world_size % d == 0)
+        return rows, world_size // rows
+
+    def rounds(self) -> list[list[Group]]:
+        n = self._world_size
+        rows, cols = self.shape(n)
+        along_rows = _zip_rounds(*(_ring_pairs(range(i * cols, (i + 1) * cols)) for i in range(rows)))
+        along_cols = _zip_rounds(*(_ring_pairs(range(j, n, cols)) for j in range(cols)))
+        return _fill(along_rows + along_cols, n) or [[Group((0,))]]
+
+
 class TopologyFactory:
     """Registry of topologies by name."""
 
     registry: ClassVar[dict[str, type[Topology]]] = {
         "ring": RingTopology,
         "complete": CompleteTopology,
+        "one-peer-exp": OnePeerExpTopology,
+        "alternating-exp-ring": AlternatingExpRingTopology,
+        "torus": TorusTopology,
     }
 
     @classmethod

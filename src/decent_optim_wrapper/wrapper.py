@@ -6,6 +6,7 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any, overload
 
 import torch
@@ -39,6 +40,12 @@ class DecentOptimWrapper(Optimizer):
         topology: a registered topology name (see ``TopologyFactory.available()``), a ``Topology``
             subclass or instance.
         bucket_cap_mb: largest bucket, in MiB; one set of buckets per (device, dtype).
+        timeout: seconds (or a ``timedelta``) a step may wait for its peers before raising
+            :class:`~decent_optim_wrapper.comm.GossipError` (a dead, hung or out-of-step peer); default the
+            process group's timeout.
+        check_rounds: send each round's number with its data so that ranks calling ``step()`` a different
+            number of times raise ``GossipError`` instead of averaging with the wrong round (on CUDA the
+            check reports one round later, to keep the host from waiting on the GPU).
     """
 
     def __init__(
@@ -49,6 +56,9 @@ class DecentOptimWrapper(Optimizer):
         local_world_size: int | None = None,
         topology: str | Topology | type[Topology] = "ring",
         bucket_cap_mb: float = 25,
+        *,
+        timeout: float | timedelta | None = None,
+        check_rounds: bool = True,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise ValueError(f"Invalid optimizer of type {type(optimizer).__name__}. Must be a torch.optim.Optimizer.")
@@ -86,22 +96,23 @@ class DecentOptimWrapper(Optimizer):
             with torch.no_grad():
                 for b in self._buckets:
                     dist.broadcast(b.flat, src=0)
-        self._engine = GossipEngine(schedule, self._rank, self._buckets)
+        self._engine = GossipEngine(schedule, self._rank, self._buckets, timeout=_as_timedelta(timeout),
+                                    check_rounds=check_rounds)
         logger.debug(
             "rank {}/{}: topology {} with period {}, {} bucket(s)",
-            self._rank, self._world_size, self._topology.name, schedule.period, len(self._buckets),
+            self._rank, self._world_size, self.topology.name, schedule.period, len(self._buckets),
         )
 
     # ------------------------------------------------------------------ torch.optim.Optimizer facade
     def _init_optimizer_hooks(self) -> None:
         # What Optimizer.__init__ sets up for step/state_dict hooks, without building a second set of
         # param_groups: those belong to the inner optimizer.
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
 
     @property
@@ -181,7 +192,7 @@ class DecentOptimWrapper(Optimizer):
         self._drop_backup()
         self._finish_pending()
         loss = self._optimizer.step() if closure is None else self._optimizer.step(closure)
-        self._engine.launch(self._schedule.group(self._rank, self._round))
+        self._engine.launch(self._round)
         self._round += 1
         return loss
 
@@ -193,7 +204,7 @@ class DecentOptimWrapper(Optimizer):
             # Resumed from a checkpoint taken while round k was in flight: the parameters loaded are the
             # ones that round was averaging, so running it again reproduces its result exactly.
             rnd, self._relaunch_round = self._relaunch_round, None
-            self._engine.launch(self._schedule.group(self._rank, rnd))
+            self._engine.launch(rnd)
         self._engine.finish()
 
     # ------------------------------------------------------------------ global averaging
@@ -210,10 +221,7 @@ class DecentOptimWrapper(Optimizer):
         if may_revert and self._backup is None:
             self._backup = ([b.flat.clone() for b in self._buckets], (pending, relaunch))
         if self._world_size > 1:
-            scale = 1.0 / self._world_size
-            for b in self._buckets:
-                b.flat.mul_(scale)
-                dist.all_reduce(b.flat, op=dist.ReduceOp.SUM)
+            self._engine.all_reduce_mean([b.flat for b in self._buckets])
 
     @torch.no_grad()
     def revert_global_avg(self) -> None:
@@ -323,6 +331,16 @@ def _resolve_rank_and_world_size(rank: int | None, world_size: int | None) -> tu
             "unset to train in a single process."
         )
     return 0, 1, None
+
+
+def _as_timedelta(timeout: float | timedelta | None) -> timedelta | None:
+    if timeout is None or isinstance(timeout, timedelta):
+        if isinstance(timeout, timedelta) and timeout.total_seconds() <= 0:
+            raise ValueError(f"Invalid timeout={timeout!r}. Must be positive.")
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"Invalid timeout={timeout!r}. Must be a positive number of seconds, a timedelta or None.")
+    return timedelta(seconds=timeout)
 
 
 def _resolve_local_world_size(local_world_size: int | None) -> int:

@@ -1,0 +1,150 @@
+"""Built-in topologies as mixing matrices: properties over world sizes 1..256, consensus, analysis figures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from decent_optim_wrapper.analysis import analyze, mixing_matrix
+from decent_optim_wrapper.topo import TopologyFactory, TorusTopology
+
+BUILTINS = ["ring", "complete", "one-peer-exp", "alternating-exp-ring", "torus"]
+EXACT = {"complete", "one-peer-exp", "alternating-exp-ring"}  # exact average once a period, any n
+
+
+def _independent_matrices(name: str, n: int, local: int = 1) -> list[torch.Tensor]:
+    """Mixing matrices rebuilt from the per-rank assign_groups() view, not from the Schedule's rounds."""
+    topo = TopologyFactory.create(name, 0, n, local)
+    per_rank = topo.assign_groups()
+    schedule = topo.schedule()
+    mats = []
+    for t in range(schedule.period):
+        w = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            members = per_rank[i][t]
+            g = schedule.group(i, t)
+            k = len(members)
+            for j in members:
+                if g.weight is None:
+                    w[i, j] = 1.0 / k
+                else:
+                    w[i, j] = g.weight if j == i else (1.0 - g.weight) / (k - 1)
+        mats.append(w)
+    return mats
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 256), name=st.sampled_from(BUILTINS), data=st.data())
+def test_every_builtin_is_a_doubly_stochastic_partition_schedule(n: int, name: str, data: st.DataObject) -> None:
+    local = data.draw(st.sampled_from(_divisors(n))) if name == "alternating-exp-ring" else 1
+    schedule = TopologyFactory.create(name, 0, n, local).schedule()
+    product = torch.eye(n, dtype=torch.float64)
+    for t in range(schedule.period):
+        covered = sorted(r for g in schedule.rounds[t] for r in g.ranks)
+        assert covered == list(range(n)), "each round must partition the ranks"
+        w = mixing_matrix(schedule, t)
+        assert (w >= 0).all()
+        torch.testing.assert_close(w.sum(0), torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(w.sum(1), torch.ones(n, dtype=torch.float64), rtol=0, atol=1e-12)
+        product = w @ product
+    if name in EXACT:
+        torch.testing.assert_close(product, torch.full((n, n), 1.0 / n, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+@pytest.mark.parametrize("n", [3, 4, 6, 8, 12])
+def test_schedule_matrices_match_an_independent_rebuild(name: str, n: int) -> None:
+    local = 2 if name == "alternating-exp-ring" and n % 2 == 0 else 1
+    schedule = TopologyFactory.create(name, 0, n, local).schedule()
+    for t, w in enumerate(_independent_matrices(name, n, local)):
+        torch.testing.assert_close(mixing_matrix(schedule, t), w, rtol=0, atol=0)
+
+
+def test_one_peer_exp_power_of_two_is_the_hypercube() -> None:
+    s = TopologyFactory.create("one-peer-exp", 0, 16, 1).schedule()
+    assert s.period == 4
+    for k in range(4):
+        assert all(g.ranks == (min(i, i ^ (1 << k)), max(i, i ^ (1 << k))) for i in range(16)
+                   for g in [s.group(i, k)])
+        assert all(g.weight is None for g in s.rounds[k])
+
+
+@pytest.mark.parametrize("n,period", [(3, 3), (5, 5), (6, 5), (7, 6), (12, 7), (24, 9)])
+def test_one_peer_exp_any_world_size_period(n: int, period: int) -> None:
+    # T(2^m) = m; T(n) = max(m, T(n - 2^m)) + 1 + m
+    assert TopologyFactory.create("one-peer-exp", 0, n, 1).schedule().period == period
+
+
+def test_alternating_exp_ring_alternates_intra_and_inter_node() -> None:
+    s = TopologyFactory.create("alternating-exp-ring", 0, 8, 2).schedule()
+    assert s.period == 4
+    assert [g.ranks for g in s.rounds[0]] == [(0, 1), (2, 3), (4, 5), (6, 7)]  # inside each node
+    assert sorted(g.ranks for g in s.rounds[1]) == [(0, 2), (1, 3), (4, 6), (5, 7)]  # node 0<->1, 2<->3
+    assert sorted(g.ranks for g in s.rounds[3]) == [(0, 4), (1, 5), (2, 6), (3, 7)]  # node 0<->2, 1<->3
+    with pytest.raises(ValueError, match="world_size=8 must be a multiple of it"):
+        TopologyFactory.create("alternating-exp-ring", 0, 8, 3).schedule()
+
+
+@pytest.mark.parametrize("n,shape", [(1, (1, 1)), (7, (1, 7)), (12, (3, 4)), (16, (4, 4)), (24, (4, 6))])
+def test_torus_shape_is_closest_to_square(n: int, shape: tuple[int, int]) -> None:
+    assert TorusTopology.shape(n) == shape
+
+
+def test_torus_uses_each_grid_edge_once_per_period() -> None:
+    s = TopologyFactory.create("torus", 0, 12, 1).schedule()  # 3 x 4
+    edges = sorted(g.ranks for rnd in s.rounds for g in rnd if g.size == 2)
+    expected = set()
+    for i in range(3):
+        for j in range(4):
+            r = i * 4 + j
+            expected.add(tuple(sorted((r, i * 4 + (j + 1) % 4))))
+            expected.add(tuple(sorted((r, ((i + 1) % 3) * 4 + j))))
+    assert edges == sorted(expected)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_schedule_for_4096_ranks_builds_in_under_a_second(name: str) -> None:
+    t0 = time.perf_counter()
+    TopologyFactory.create(name, 0, 4096, 8).schedule()
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_analysis_figures_match_hand_calculation() -> None:
+    ring = analyze("ring", 16)
+    assert (ring.period, ring.peers_per_round, ring.bytes_per_step) == (2, 1.0, 1.0)
+    assert ring.allreduce_bytes_per_step == 2 * 15 / 16
+    # ring of 4 with its two rounds is the 2-cube: exact average every period
+    assert analyze("ring", 4).consensus_rate == 0.0
+    # ring of 3: rounds (0,1), (1,2), (0,2), one worker idle in each
+    w0 = torch.tensor([[.5, .5, 0], [.5, .5, 0], [0, 0, 1]], dtype=torch.float64)
+    w1 = torch.tensor([[1, 0, 0], [0, .5, .5], [0, .5, .5]], dtype=torch.float64)
+    w2 = torch.tensor([[.5, 0, .5], [0, 1, 0], [.5, 0, .5]], dtype=torch.float64)
+    dev = w2 @ w1 @ w0 - torch.full((3, 3), 1 / 3, dtype=torch.float64)
+    r3 = analyze("ring", 3)
+    assert r3.consensus_rate == pytest.approx(float(torch.linalg.matrix_norm(dev, ord=2)), abs=1e-12)
+    assert r3.bytes_per_step == pytest.approx(2 / 3)  # one worker idles each round
+    full = analyze("complete", 8)
+    assert full.bytes_per_step == full.allreduce_bytes_per_step == 2 * 7 / 8 and full.exact_consensus
+    one = analyze("one-peer-exp", 6)
+    assert one.exact_consensus and one.max_peers == 1 and one.period == 5
+
+
+def test_analysis_command_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "decent_optim_wrapper.analysis", "ring", "16"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("ring"))
+    assert row.split()[:7] == ["ring", "16", "1", "2", "1.00", "1.000x", "1.00x"]
+    assert "1.875x" in row
+    bad = subprocess.run([sys.executable, "-m", "decent_optim_wrapper.analysis", "nope", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Unknown topology='nope'" in bad.stderr

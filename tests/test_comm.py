@@ -1,0 +1,191 @@
+"""The gossip engine on several gloo ranks: every built-in topology's rounds, and failures within a timeout."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from harness import RankFailure, run_ranks
+
+from decent_optim_wrapper import DecentOptimWrapper
+from decent_optim_wrapper.analysis import mixing_matrix
+from decent_optim_wrapper.buckets import build_buckets
+from decent_optim_wrapper.comm import GossipEngine, GossipError
+from decent_optim_wrapper.topo import Group, Schedule, TopologyFactory
+
+LOCAL = {3: 1, 4: 2, 6: 2, 8: 4}  # local_world_size used for alternating-exp-ring
+TOPOLOGIES = ["ring", "complete", "one-peer-exp", "alternating-exp-ring", "torus"]
+
+
+def _rounds_of_every_topology(rank: int, world_size: int) -> dict:
+    out = {}
+    for name in TOPOLOGIES:
+        m = torch.nn.Module()
+        m.a = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+        m.b = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        opt = DecentOptimWrapper(torch.optim.SGD(m.parameters(), lr=0.0), topology=name,
+                                 local_world_size=LOCAL[world_size], timeout=30)
+        with torch.no_grad():
+            m.a.fill_(float(rank))
+            m.b.fill_(float(rank * rank))
+        seen = []
+        for _ in range(opt.schedule.period + 2):
+            opt.step()
+            seen.append((m.a.tolist(), m.b.tolist()))
+        opt.global_avg(may_revert=False)
+        out[name] = seen
+    return out
+
+
+def _is_dyadic(schedule: Schedule) -> bool:
+    """All weights are 1/2^k: every value in the test is then exact in float64."""
+    def dyadic(x: float) -> bool:
+        return x > 0 and (x * 2 ** 20).is_integer()
+    return all(dyadic(g.self_weight) and (g.size == 1 or dyadic(g.peer_weight)) for r in schedule.rounds for g in r)
+
+
+@pytest.mark.parametrize("world_size", [3, 4, 6, 8])
+def test_every_topology_mixes_by_its_own_matrices(world_size: int) -> None:
+    results = run_ranks(_rounds_of_every_topology, world_size, timeout=120)
+    for name in TOPOLOGIES:
+        schedule = TopologyFactory.create(name, 0, world_size, LOCAL[world_size]).schedule()
+        tol = 0.0 if _is_dyadic(schedule) else 1e-13
+        x = torch.arange(world_size, dtype=torch.float64)
+        y = x * x
+        for step, t in enumerate(range(schedule.period + 1)):
+            got_a = torch.tensor([results[r][name][step + 1][0] for r in range(world_size)], dtype=torch.float64)
+            got_b = torch.tensor([results[r][name][step + 1][1] for r in range(world_size)], dtype=torch.float64)
+            w = mixing_matrix(schedule, t)
+            x, y = w @ x, w @ y
+            torch.testing.assert_close(got_a, x.unsqueeze(1).expand(-1, 4), rtol=0, atol=tol,
+                                       msg=f"{name} n={world_size} after round {t}")
+            torch.testing.assert_close(got_b, y.unsqueeze(1).expand(-1, 3), rtol=0, atol=tol,
+                                       msg=f"{name} n={world_size} after round {t}")
+        if name in ("complete", "one-peer-exp", "alternating-exp-ring"):
+            torch.testing.assert_close(x, torch.full_like(x, (world_size - 1) / 2), rtol=0, atol=1e-12)
+
+
+def _weighted_rounds(rank: int, world_size: int, pair_mode: str) -> list[float]:
+    # pairs keep 3/4 of themselves; then a group of three keeps 1/2 and takes 1/4 from each other member
+    schedule = Schedule(4, [[Group((0, 1), 0.75), Group((2, 3), 0.75)], [Group((0, 1, 2), 0.5), Group((3,))]])
+    p = torch.nn.Parameter(torch.full((5,), 4.0 * rank))
+    engine = GossipEngine(schedule, rank, build_buckets([p], 1.0), pair_mode=pair_mode)
+    seen = []
+    for t in range(2):
+        engine.launch(t)
+        engine.finish()
+        seen.append(p[0].item())
+    return seen
+
+
+@pytest.mark.parametrize("pair_mode", ["p2p", "allreduce"])
+def test_weighted_groups_exact_values(pair_mode: str) -> None:
+    results = run_ranks(_weighted_rounds, 4, pair_mode)
+    # x = [0, 4, 8, 12] -> pairs at 3/4: [1, 3, 9, 11] -> (0,1,2) at 1/2, 1/4, 1/4: [3.5, 4, 5.5], 11
+    assert [r[0] for r in results] == [1.0, 3.0, 9.0, 11.0]
+    assert [r[1] for r in results] == [3.5, 4.0, 5.5, 11.0]
+
+
+def _process_groups_created(rank: int, world_size: int) -> int:
+    opt = DecentOptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
+                             topology="alternating-exp-ring", local_world_size=4)
+    return len(opt._engine._process_groups)
+
+
+def test_each_rank_creates_only_its_own_groups() -> None:
+    # 8 ranks, 2 nodes of 4: a rank needs its node's group and nothing else (pairs go point to point)
+    assert run_ranks(_process_groups_created, 8) == [1] * 8
+
+
+def _killed_peer(rank: int, world_size: int, timeout: float) -> float:
+    model = torch.nn.Linear(8, 8)
+    opt = DecentOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), topology="ring", timeout=timeout)
+    for step in range(10):
+        if rank == 1 and step == 4:
+            os._exit(17)  # dies without a word, mid-training
+        model(torch.randn(2, 8)).sum().backward()
+        t0 = time.monotonic()
+        try:
+            opt.step()
+        except GossipError as exc:
+            raise GossipError(f"after {time.monotonic() - t0:.2f}s: {exc}") from exc
+    return -1.0
+
+
+def test_a_killed_rank_makes_the_others_fail_within_the_timeout() -> None:
+    t0 = time.monotonic()
+    results = run_ranks(_killed_peer, 4, 5.0, timeout=60, allow_failure=True, pg_timeout_s=120)
+    elapsed = time.monotonic() - t0
+    assert "died with exit code 17" in str(results[1])
+    for rank in (0, 2, 3):
+        assert isinstance(results[rank], RankFailure), f"rank {rank} went on without its peer"
+        assert "GossipError" in str(results[rank]) and "did not complete" in str(results[rank])
+    assert elapsed < 30, f"took {elapsed:.1f}s; the 5 s timeout should bound it"
+
+
+def _skipped_step(rank: int, world_size: int) -> str:
+    model = torch.nn.Linear(4, 4)
+    opt = DecentOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), topology="ring", timeout=5)
+    for step in range(12):
+        if rank == 0 and step == 3:
+            continue  # rank 0 skips one step() call
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    opt.global_avg()
+    return "finished"
+
+
+def test_a_rank_that_skips_a_step_fails_everyone_within_the_timeout() -> None:
+    # Pairs and groups are matched in order, so a rank one step behind still mixes with the right peers,
+    # just later; what it breaks is the last round, which its peer then waits for in vain.
+    t0 = time.monotonic()
+    results = run_ranks(_skipped_step, 4, timeout=90, allow_failure=True, pg_timeout_s=120)
+    assert all(isinstance(r, RankFailure) and "GossipError" in str(r) for r in results), results
+    assert "averaging round 11 with ranks [0, 3] did not complete within 5 s" in str(results[3])
+    assert time.monotonic() - t0 < 60
+
+
+def _resumed_at_another_round(rank: int, world_size: int) -> str:
+    model = torch.nn.Linear(4, 4)
+    opt = DecentOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), topology="ring", timeout=10)
+    for _ in range(2):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    sd = opt.state_dict()
+    if rank == 0:
+        sd["decent_optim_wrapper"]["round"] = 6  # rank 0 loads a checkpoint from another step
+    opt.load_state_dict(sd)
+    for _ in range(4):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+    return "finished"
+
+
+def test_ranks_at_different_rounds_are_reported_not_mixed() -> None:
+    results = run_ranks(_resumed_at_another_round, 4, timeout=90, allow_failure=True, pg_timeout_s=120)
+    assert all(isinstance(r, RankFailure) for r in results), "mismatched rounds must not train on"
+    # the in-flight round of the loaded checkpoint (5) is replayed first, against round 1 of rank 3
+    assert "rank 0 is out of step: at its round 5 it averaged with rank 3, which was at round 1" in str(results[0])
+
+
+def _hung_peer(rank: int, world_size: int) -> str:
+    model = torch.nn.Linear(4, 4)
+    opt = DecentOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), topology="complete", timeout=2)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    if rank == 1:
+        time.sleep(8)  # alive but not stepping
+        return "slept"
+    opt.step()  # applies round 0, launches round 1, which rank 1 never joins
+    opt.step()  # waits for round 1
+    return "stepped"
+
+
+def test_a_hung_peer_times_out_with_a_clear_error() -> None:
+    t0 = time.monotonic()
+    results = run_ranks(_hung_peer, 2, timeout=60, allow_failure=True, pg_timeout_s=120)
+    assert results[1] == "slept"
+    assert "did not complete within 2 s" in str(results[0])
+    assert time.monotonic() - t0 < 30
