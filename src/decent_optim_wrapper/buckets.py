@@ -28,6 +28,8 @@ class Bucket:
     flat: torch.Tensor
     params: list[torch.Tensor] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    # Holds only parameters with requires_grad=False: not communicated until one of them is thawed.
+    frozen: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -60,42 +62,45 @@ def build_buckets(params: Iterable[torch.Tensor], bucket_cap_mb: float) -> list[
         raise ValueError(f"Invalid bucket_cap_mb={bucket_cap_mb!r}. Must be a number > 0.")
     cap_bytes = bucket_cap_mb * 1024 * 1024
 
-    by_key: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    # Frozen parameters get buckets of their own, so that they cost no communication while frozen.
+    by_key: dict[tuple[torch.device, torch.dtype, bool], list[torch.Tensor]] = {}
     seen: set[int] = set()
     for p in params:
         _check_param(p)
         if id(p) in seen:
             continue
         seen.add(id(p))
-        by_key.setdefault((p.device, p.dtype), []).append(p)
+        by_key.setdefault((p.device, p.dtype, not p.requires_grad), []).append(p)
 
     buckets: list[Bucket] = []
-    for (device, dtype), group in by_key.items():
+    for (device, dtype, frozen), group in by_key.items():
         esize = torch.empty((), dtype=dtype).element_size()
         chunk: list[torch.Tensor] = []
         chunk_elems = 0
         for p in group:
             size = _aligned(p.numel(), esize)
             if chunk and (chunk_elems + size) * esize > cap_bytes:
-                buckets.append(_make_bucket(chunk, device, dtype, esize))
+                buckets.append(_make_bucket(chunk, device, dtype, esize, frozen))
                 chunk, chunk_elems = [], 0
             chunk.append(p)
             chunk_elems += size
         if chunk:
-            buckets.append(_make_bucket(chunk, device, dtype, esize))
+            buckets.append(_make_bucket(chunk, device, dtype, esize, frozen))
 
     for i, b in enumerate(buckets):
         logger.debug(
-            "bucket {}: {} params, {} elements ({:.2f} MiB), {} on {}",
+            "bucket {}: {} params, {} elements ({:.2f} MiB), {} on {}{}",
             i, len(b.params), b.flat.numel(), b.nbytes / 2**20, b.flat.dtype, b.flat.device,
+            " (frozen)" if b.frozen else "",
         )
     return buckets
 
 
-def _make_bucket(chunk: list[torch.Tensor], device: torch.device, dtype: torch.dtype, esize: int) -> Bucket:
+def _make_bucket(chunk: list[torch.Tensor], device: torch.device, dtype: torch.dtype, esize: int,
+                 frozen: bool) -> Bucket:
     total = sum(_aligned(p.numel(), esize) for p in chunk)
     flat = torch.zeros(total, dtype=dtype, device=device)
-    bucket = Bucket(flat)
+    bucket = Bucket(flat, frozen=frozen)
     offset = 0
     for p in chunk:
         view = flat.narrow(0, offset, p.numel()).view(p.shape)
@@ -111,6 +116,6 @@ def layout_digest(buckets: list[Bucket]) -> str:
     """Fingerprint of the bucket layout (dtypes, sizes, shapes); equal on ranks that hold the same model."""
     h = hashlib.sha256()
     for b in buckets:
-        h.update(repr((str(b.flat.dtype), b.flat.device.type, b.flat.numel(),
+        h.update(repr((str(b.flat.dtype), b.flat.device.type, b.flat.numel(), b.frozen,
                        [tuple(p.shape) for p in b.params])).encode())
     return h.hexdigest()[:16]

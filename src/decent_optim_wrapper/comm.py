@@ -50,7 +50,7 @@ class _Round:
 
     index: int
     group: Group
-    n_buckets: int
+    buckets: list[int]  # indices of the buckets this round averages
     works: list[dist.Work] = field(default_factory=list)
     # Round numbers exchanged with the data: the peer's (pairs) or [max, -min] over the group.
     stamp: torch.Tensor | None = None
@@ -81,8 +81,11 @@ class GossipEngine:
         self.buckets = buckets
         self.timeout = timeout
         self.check_rounds = check_rounds
-        # Persistent extra memory: one receive/reduce buffer per bucket, the size of the parameters.
-        self.buffers = [torch.empty_like(b.flat) for b in buckets] if schedule.world_size > 1 else []
+        # Persistent extra memory: one receive/reduce buffer per communicated bucket, the size of the
+        # parameters; made on first use, so frozen buckets cost nothing.
+        self.buffers: list[torch.Tensor | None] = [None] * len(buckets)
+        self.rounds_launched = 0
+        self.elements_sent = 0
         self._pending: _Round | None = None
         self._unchecked: _Round | None = None  # on CUDA a round's stamp is checked one round later
         self._process_groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
@@ -105,13 +108,23 @@ class GossipEngine:
     def __del__(self) -> None:
         pending = getattr(self, "_pending", None)
         if pending is not None and pending.works:
-            _ORPHANS.append((pending.works, self.buffers + [b.flat for b in self.buckets]))
+            tensors = [t for t in self.buffers if t is not None] + [b.flat for b in self.buckets]
+            _ORPHANS.append((pending.works, tensors))
 
     def add_buckets(self, buckets: list[Bucket]) -> None:
         """Include more buckets in the rounds launched from now on."""
         self.buckets.extend(buckets)
-        if self.schedule.world_size > 1:
-            self.buffers.extend(torch.empty_like(b.flat) for b in buckets)
+        self.buffers.extend([None] * len(buckets))
+
+    def _buffer(self, i: int) -> torch.Tensor:
+        buf = self.buffers[i]
+        if buf is None:
+            buf = self.buffers[i] = torch.empty_like(self.buckets[i].flat)
+        return buf
+
+    def active(self) -> list[int]:
+        """Indices of the buckets that are communicated (all but the frozen ones)."""
+        return [i for i, b in enumerate(self.buckets) if not b.frozen]
 
     @property
     def pending(self) -> bool:
@@ -126,31 +139,39 @@ class GossipEngine:
         if _ORPHANS:
             _prune_orphans()
         group = self.schedule.group(self.rank, round_)
-        if group.size == 1 or not self.buckets:
+        active = self.active()
+        if group.size == 1 or not active:
             return
-        rnd = _Round(round_, group, len(self.buckets))
+        rnd = _Round(round_, group, active)
         device = self.buckets[0].flat.device
+        # The stamp: this round's number and how many elements this rank averages, checked against the peers'.
+        numel = sum(self.buckets[i].flat.numel() for i in active)
+        self.rounds_launched += 1
         if self._is_p2p(group):
             peer = group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1]
             ops = []
             if self.check_rounds:
-                rnd.stamp_out = torch.tensor([round_], dtype=torch.int64, device=device)
+                rnd.stamp_out = torch.tensor([round_, numel], dtype=torch.int64, device=device)
                 rnd.stamp = torch.empty_like(rnd.stamp_out)
                 ops += [dist.P2POp(dist.isend, rnd.stamp_out, peer, tag=0),
                         dist.P2POp(dist.irecv, rnd.stamp, peer, tag=0)]
-            for i, (b, buf) in enumerate(zip(self.buckets, self.buffers)):
+            for i in active:
                 # The bucket is sent as it is: nothing writes it before the next step() waits for the send.
-                ops.append(dist.P2POp(dist.isend, b.flat, peer, tag=i + 1))
-                ops.append(dist.P2POp(dist.irecv, buf, peer, tag=i + 1))
+                ops.append(dist.P2POp(dist.isend, self.buckets[i].flat, peer, tag=i + 1))
+                ops.append(dist.P2POp(dist.irecv, self._buffer(i), peer, tag=i + 1))
             rnd.works = dist.batch_isend_irecv(ops)
+            self.elements_sent += numel
         else:
             pg = self._process_groups[group.ranks]
             if self.check_rounds:
-                rnd.stamp = torch.tensor([round_, -round_], dtype=torch.int64, device=device)
+                rnd.stamp = torch.tensor([round_, -round_, numel, -numel], dtype=torch.int64, device=device)
                 rnd.works.append(dist.all_reduce(rnd.stamp, op=dist.ReduceOp.MAX, group=pg, async_op=True))
-            for b, buf in zip(self.buckets, self.buffers):
-                torch.mul(b.flat, group.peer_weight, out=buf)
+            for i in active:
+                buf = self._buffer(i)
+                torch.mul(self.buckets[i].flat, group.peer_weight, out=buf)
                 rnd.works.append(dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg, async_op=True))
+            # a ring all-reduce sends 2(k-1)/k of the data
+            self.elements_sent += numel * 2 * (group.size - 1) // group.size
         self._pending = rnd
 
     def wait(self) -> None:
@@ -186,13 +207,21 @@ class GossipEngine:
     def _check_stamp(self, rnd: _Round) -> None:
         assert rnd.stamp is not None
         values = rnd.stamp.tolist()
-        if rnd.stamp_out is not None:  # a pair: the peer's round number
+        numel = sum(self.buckets[i].flat.numel() for i in rnd.buckets)
+        if rnd.stamp_out is not None:  # a pair: the peer's round number and size
+            peer = [r for r in rnd.group.ranks if r != self.rank][0]
             if values[0] != rnd.index:
                 self._pending = None
                 raise GossipError(
-                    f"rank {self.rank} is out of step: at its round {rnd.index} it averaged with rank "
-                    f"{[r for r in rnd.group.ranks if r != self.rank][0]}, which was at round {values[0]}. "
-                    "Every rank must call step() the same number of times and resume from the same step."
+                    f"rank {self.rank} is out of step: at its round {rnd.index} it averaged with rank {peer}, "
+                    f"which was at round {values[0]}. Every rank must call step() the same number of times and "
+                    "resume from the same step."
+                )
+            if values[1] != numel:
+                self._pending = None
+                raise GossipError(
+                    f"rank {self.rank} averaged {numel} elements in round {rnd.index} but rank {peer} averaged "
+                    f"{values[1]}: the ranks disagree on which parameters are trainable (requires_grad)."
                 )
         elif values[0] != rnd.index or -values[1] != rnd.index:
             self._pending = None
@@ -200,6 +229,13 @@ class GossipEngine:
                 f"rank {self.rank} is out of step: in its round {rnd.index} the group {list(rnd.group.ranks)} "
                 f"was at rounds {-values[1]} to {values[0]}. Every rank must call step() the same number of times "
                 "and resume from the same step."
+            )
+        elif values[2] != numel or -values[3] != numel:
+            self._pending = None
+            raise GossipError(
+                f"rank {self.rank}: in round {rnd.index} the group {list(rnd.group.ranks)} averaged between "
+                f"{-values[3]} and {values[2]} elements, this rank {numel}: the ranks disagree on which parameters "
+                "are trainable (requires_grad)."
             )
 
     @torch.no_grad()
@@ -210,7 +246,8 @@ class GossipEngine:
         self.wait()
         rnd, self._pending = self._pending, None
         g = rnd.group
-        for b, buf in zip(self.buckets[: rnd.n_buckets], self.buffers):
+        for i in rnd.buckets:
+            b, buf = self.buckets[i], self._buffer(i)
             if self._is_p2p(g):
                 b.flat.mul_(g.self_weight).add_(buf, alpha=1.0 - g.self_weight)
             elif g.weight is None:

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 
 from .buckets import Bucket, build_buckets, layout_digest
 from .comm import GossipEngine
+from .reinit import build_lr_scheduler, build_optimizer, validate_lr_scheduler_config
 from .topo import Schedule, Topology, TopologyFactory
 
 __all__ = ["DecentOptimWrapper"]
@@ -69,7 +70,7 @@ class DecentOptimWrapper(Optimizer):
         self._rank, self._world_size, error = _resolve_rank_and_world_size(rank, world_size)
         self._local_world_size = _resolve_local_world_size(local_world_size)
         self._round = 0
-        self._backup: tuple[list[torch.Tensor], Any] | None = None
+        self._backup: tuple[list[torch.Tensor], Any, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self._relaunch_round: int | None = None
 
         # Problems found locally are shared with every rank before anyone raises, so a bad schedule or a
@@ -181,6 +182,10 @@ class DecentOptimWrapper(Optimizer):
                 f"topology={self.topology.name!r}, optimizer={self._optimizer!r})")
 
     # ------------------------------------------------------------------ training
+    # GradScaler hands this wrapper its scale and inf flag instead of skipping step(): every rank must take
+    # part in every round, also a rank whose gradients overflowed (it skips only its local update).
+    _step_supports_amp_scaling = True
+
     @overload
     def step(self, closure: None = None) -> None: ...
 
@@ -190,11 +195,41 @@ class DecentOptimWrapper(Optimizer):
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Apply the previous round's averaging, take the inner optimizer's step, launch this round's."""
         self._drop_backup()
+        self._thaw_buckets()
         self._finish_pending()
-        loss = self._optimizer.step() if closure is None else self._optimizer.step(closure)
+        found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step(wrapper)
+        if found_inf is None:
+            loss = self._optimizer.step() if closure is None else self._optimizer.step(closure)
+        else:
+            loss = self._amp_inner_step(getattr(self, "grad_scale", None), found_inf)
+        hook = getattr(self._optimizer, "pre_average_hook", None)
+        if callable(hook):
+            group = self._schedule.group(self._rank, self._round)
+            hook(group, group.self_weight)
         self._engine.launch(self._round)
         self._round += 1
         return loss
+
+    @torch.no_grad()
+    def _amp_inner_step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor) -> None:
+        inner = self._optimizer
+        if getattr(inner, "_step_supports_amp_scaling", False):  # fused optimizers unscale and skip themselves
+            inner.grad_scale, inner.found_inf = grad_scale, found_inf  # type: ignore[attr-defined]
+            try:
+                inner.step()
+            finally:
+                del inner.grad_scale, inner.found_inf  # type: ignore[attr-defined]
+            return
+        if found_inf.item() != 0:
+            logger.debug("rank {}: inf/NaN gradients, local update skipped; round {} still runs",
+                         self._rank, self._round)
+            return
+        if grad_scale is not None:  # None when scaler.unscale_(wrapper) already ran (e.g. for clipping)
+            inv_scale = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+            for p in self._params():
+                if p.grad is not None:
+                    p.grad.mul_(inv_scale.to(p.grad.device))
+        inner.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._optimizer.zero_grad(set_to_none=set_to_none)
@@ -207,34 +242,111 @@ class DecentOptimWrapper(Optimizer):
             self._engine.launch(rnd)
         self._engine.finish()
 
-    # ------------------------------------------------------------------ global averaging
+    def _thaw_buckets(self) -> None:
+        for b in self._buckets:
+            if b.frozen and any(p.requires_grad for p in b.params):
+                # Ranks thaw at the same step in any sane schedule; the round stamp catches those that don't.
+                logger.debug("rank {}: a frozen bucket was thawed; it is averaged from round {} on",
+                             self._rank, self._round)
+                b.frozen = False
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group (as fine-tuning schedules do when they thaw layers), on every rank at once.
+
+        The new parameters are bucketed, set to rank 0's values, and averaged from the next round on. All
+        ranks must call this with the same parameters (checked).
+        """
+        error = None
+        n_groups = len(self._optimizer.param_groups)
+        try:
+            self._optimizer.add_param_group(param_group)
+        except (ValueError, TypeError) as exc:
+            error = f"add_param_group failed: {exc}"
+        known = {id(p) for b in self._buckets for p in b.params}
+        new = [p for p in self._optimizer.param_groups[-1]["params"] if id(p) not in known] if error is None else []
+        buckets = build_buckets(new, self._bucket_cap_mb)
+        if self._world_size > 1:
+            try:
+                self._agree(error, self._schedule.digest(), "adding a parameter group", buckets)
+            except ValueError:
+                del self._optimizer.param_groups[n_groups:]  # leave the optimizer as it was
+                raise
+            with torch.no_grad():
+                for b in buckets:
+                    dist.broadcast(b.flat, src=0)
+        elif error is not None:
+            raise ValueError(error)
+        self._buckets.extend(buckets)
+        self._engine.add_buckets(buckets)
+
+    def reinit_optimizer(self, optimizer: Optimizer | dict[str, Any], lr_scheduler: dict[str, Any] | None = None,
+                         init_pg_lrs: list[float] | None = None) -> Any:
+        """Replace the inner optimizer, keeping the buckets, the round counter and the averaging in flight.
+
+        Args:
+            optimizer: a new optimizer over (some of) the wrapped parameters, or a config
+                ``{"class_path": "torch.optim.SGD", "init_args": {...}}`` built over the current parameter
+                groups.
+            lr_scheduler: optional config ``{"class_path": ..., "init_args": {...}}`` of an LR scheduler to
+                build on this wrapper; it is returned.
+            init_pg_lrs: with a config, each parameter group's initial learning rate.
+
+        Configs are checked before anything changes: an unknown class, a class that is not an optimizer or
+        scheduler, or bad arguments raise ``ValueError`` and the running optimizer stays as it was.
+        """
+        if isinstance(optimizer, Optimizer):
+            if isinstance(optimizer, DecentOptimWrapper):
+                raise ValueError("Invalid optimizer: pass the inner optimizer, not a DecentOptimWrapper.")
+            known = {id(p) for b in self._buckets for p in b.params}
+            foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in known)
+            if foreign:
+                raise ValueError(f"Invalid optimizer: {foreign} of its parameters are not wrapped here; "
+                                 "add them with add_param_group() first.")
+            if init_pg_lrs is not None:
+                raise ValueError("Invalid init_pg_lrs: it applies to an optimizer config, not an instance.")
+            new_optimizer = optimizer
+        else:
+            new_optimizer = build_optimizer(optimizer, self._optimizer.param_groups, init_pg_lrs)
+        if lr_scheduler is not None:
+            validate_lr_scheduler_config(lr_scheduler)
+        old = type(self._optimizer).__name__
+        self._optimizer = new_optimizer
+        logger.debug("rank {}: optimizer re-initialised: {} -> {}", self._rank, old, type(new_optimizer).__name__)
+        return build_lr_scheduler(lr_scheduler, self) if lr_scheduler is not None else None
+
+    # ------------------------------------------------------------------ global averaging and metrics
     @torch.no_grad()
-    def global_avg(self, may_revert: bool = True) -> None:
+    def global_avg(self, may_revert: bool = True, module: torch.nn.Module | None = None) -> None:
         """Replace every worker's parameters by the mean over all workers (for evaluation or export).
 
         The averaging in flight is set aside, not applied. With ``may_revert=True`` the parameters and that
         averaging are kept until :meth:`revert_global_avg`, after which training continues exactly as if
-        this call never happened; the next :meth:`step` without a revert drops them.
+        this call never happened; the next :meth:`step` without a revert drops them. With ``module``, its
+        floating-point buffers (BatchNorm statistics, say) are averaged (and restored) too.
         """
         pending = self._engine.detach()
         relaunch, self._relaunch_round = self._relaunch_round, None
+        buffers = [t for t in module.buffers() if t.is_floating_point()] if module is not None else []
         if may_revert and self._backup is None:
-            self._backup = ([b.flat.clone() for b in self._buckets], (pending, relaunch))
+            self._backup = ([b.flat.clone() for b in self._buckets], (pending, relaunch),
+                            [(t, t.clone()) for t in buffers])
         if self._world_size > 1:
-            self._engine.all_reduce_mean([b.flat for b in self._buckets])
+            self._engine.all_reduce_mean([b.flat for b in self._buckets] + buffers)
 
     @torch.no_grad()
     def revert_global_avg(self) -> None:
-        """Undo :meth:`global_avg`: restore the parameters and the averaging that was in flight."""
+        """Undo :meth:`global_avg`: restore the parameters (and buffers) and the averaging in flight."""
         if self._backup is None:
             raise RuntimeError(
                 "revert_global_avg() has nothing to revert: call global_avg(may_revert=True) first, and revert "
                 "before the next step()."
             )
-        flats, (pending, relaunch) = self._backup
+        flats, (pending, relaunch), buffers = self._backup
         self._backup = None
         for b, saved in zip(self._buckets, flats):
             b.flat.copy_(saved)
+        for t, saved in buffers:
+            t.copy_(saved)
         self._engine.attach(pending)
         self._relaunch_round = relaunch
 
@@ -244,9 +356,32 @@ class DecentOptimWrapper(Optimizer):
                          self._rank)
             self._backup = None
 
+    @torch.no_grad()
+    def consensus_distance(self) -> float:
+        """``sqrt(mean_i ||x_i - mean_j x_j||^2)`` over all wrapped parameters; the same value on every rank.
+
+        Measures how far the workers are from agreement (0 after ``global_avg``). Uses the parameters as they
+        are now (the averaging in flight is not applied) and a temporary copy of them.
+        """
+        if self._world_size == 1:
+            return 0.0
+        means = [b.flat.clone() for b in self._buckets]
+        self._engine.all_reduce_mean(means)
+        sq = torch.zeros((), dtype=torch.float64, device=self._buckets[0].flat.device)
+        for b, m in zip(self._buckets, means):
+            sq += (b.flat.double() - m.double()).square().sum()
+        self._engine.all_reduce_mean([sq])
+        return float(sq.sqrt())
+
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict plus this wrapper's round counter and schedule fingerprint."""
+        """The inner optimizer's state dict plus what the wrapper needs to resume bit for bit.
+
+        That is the round counter, whether a round was in flight, the schedule's fingerprint and this
+        rank's parameters (so that resuming works whether the model is loaded before or after the wrapper is
+        built, which broadcasts rank 0's parameters). Everything is a tensor or a plain value, so
+        ``torch.load(..., weights_only=True)`` reads it.
+        """
         sd = self._optimizer.state_dict()
         sd[_STATE_KEY] = {
             "round": self._round,
@@ -254,6 +389,7 @@ class DecentOptimWrapper(Optimizer):
             "topology": self.topology.name,
             "schedule": self._schedule.digest(),
             "pending": self._engine.pending or self._relaunch_round is not None,
+            "buckets": [b.flat for b in self._buckets],
         }
         return sd
 
@@ -278,16 +414,26 @@ class DecentOptimWrapper(Optimizer):
                 f"{own['schedule']}) into a wrapper with topology {self.topology.name!r} "
                 f"(schedule {self._schedule.digest()})."
             )
+        saved = own.get("buckets")
+        if saved is not None:
+            layout = [(b.flat.shape, b.flat.dtype) for b in self._buckets]
+            if [(t.shape, t.dtype) for t in saved] != layout:
+                raise ValueError("Cannot load a state dict whose parameter buckets differ from this wrapper's "
+                                 "(another model, parameter order or bucket_cap_mb).")
         self._optimizer.load_state_dict(state_dict)
         self._engine.detach()  # whatever was in flight belongs to the run being replaced
         self._backup = None
+        if saved is not None:
+            with torch.no_grad():
+                for b, t in zip(self._buckets, saved):
+                    b.flat.copy_(t)
         self._round = int(own["round"])
         self._relaunch_round = self._round - 1 if own["pending"] and self._round > 0 else None
 
     # ------------------------------------------------------------------ helpers
-    def _agree(self, error: str | None, schedule_digest: str, what: str) -> None:
+    def _agree(self, error: str | None, schedule_digest: str, what: str, buckets: list[Bucket] | None = None) -> None:
         """Check that all ranks are consistent; every rank raises the same ValueError if they are not."""
-        mine = (error, schedule_digest, layout_digest(self._buckets))
+        mine = (error, schedule_digest, layout_digest(self._buckets if buckets is None else buckets))
         everyone: list[Any] = [None] * self._world_size
         dist.all_gather_object(everyone, mine)
         if error is not None:
