@@ -112,7 +112,7 @@ class GossipEngine:
             _ORPHANS.append((pending.works, tensors))
 
     def add_buckets(self, buckets: list[Bucket]) -> None:
-        """Include more buckets in the rounds launched from now on."""
+        """Include more buckets in the rounds launched from now on (appended to the list given at construction)."""
         self.buckets.extend(buckets)
         self.buffers.extend([None] * len(buckets))
 

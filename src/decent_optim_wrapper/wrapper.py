@@ -276,8 +276,7 @@ class DecentOptimWrapper(Optimizer):
                     dist.broadcast(b.flat, src=0)
         elif error is not None:
             raise ValueError(error)
-        self._buckets.extend(buckets)
-        self._engine.add_buckets(buckets)
+        self._engine.add_buckets(buckets)  # the engine's list is self._buckets: one list, extended once
 
     def reinit_optimizer(self, optimizer: Optimizer | dict[str, Any], lr_scheduler: dict[str, Any] | None = None,
                          init_pg_lrs: list[float] | None = None) -> Any:
