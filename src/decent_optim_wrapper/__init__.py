@@ -7,17 +7,34 @@ averaging with the neighbours a topology picks. Internal logging goes through lo
 
 from loguru import logger
 
-from .topo import CompleteTopology, Group, RingTopology, Schedule, Topology, TopologyFactory
+from .comm import GossipError
+from .ddp import DecentralizedDataParallel
+from .topo import (
+    AlternatingExpRingTopology,
+    CompleteTopology,
+    Group,
+    OnePeerExpTopology,
+    RingTopology,
+    Schedule,
+    Topology,
+    TopologyFactory,
+    TorusTopology,
+)
 from .wrapper import DecentOptimWrapper
 
 __all__ = [
     "DecentOptimWrapper",
+    "DecentralizedDataParallel",
+    "GossipError",
     "Topology",
     "TopologyFactory",
     "Group",
     "Schedule",
     "RingTopology",
     "CompleteTopology",
+    "OnePeerExpTopology",
+    "AlternatingExpRingTopology",
+    "TorusTopology",
 ]
 __version__ = "0.2.0"
 

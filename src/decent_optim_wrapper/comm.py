@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,11 @@ __all__ = ["GossipEngine", "GossipError"]
 # send and receive if an in-flight point-to-point Work is destroyed, so such Works (and the tensors they
 # read and write) are kept here until they complete.
 _ORPHANS: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
+
+
+# Process groups by (default group, ranks): every engine in the process (one per DecentOptimWrapper, one
+# per DecentralizedDataParallel bucket) shares them, so a set of ranks gets exactly one group.
+_PROCESS_GROUPS: dict[tuple[Any, tuple[int, ...]], dist.ProcessGroup] = {}
 
 
 def _prune_orphans() -> None:
@@ -81,6 +86,8 @@ class GossipEngine:
         self.buckets = buckets
         self.timeout = timeout
         self.check_rounds = check_rounds
+        # Point-to-point tags start here; engines that exchange with the same peer use disjoint ranges.
+        self.tag_base = 0
         # Persistent extra memory: one receive/reduce buffer per communicated bucket, the size of the
         # parameters; made on first use, so frozen buckets cost nothing.
         self.buffers: list[torch.Tensor | None] = [None] * len(buckets)
@@ -101,9 +108,13 @@ class GossipEngine:
     def _new_process_group(self, group: Group) -> dist.ProcessGroup | None:
         if group.size == self.schedule.world_size:
             return None  # the default (world) group
-        # Only the members create it: no O(world_size) group creation on every rank.
-        logger.debug("rank {}: creating process group {}", self.rank, list(group.ranks))
-        return cast(dist.ProcessGroup, dist.new_group(list(group.ranks), use_local_synchronization=True))
+        key = (dist.distributed_c10d._get_default_group(), group.ranks)
+        if key not in _PROCESS_GROUPS:
+            # Only the members create it: no O(world_size) group creation on every rank.
+            logger.debug("rank {}: creating process group {}", self.rank, list(group.ranks))
+            _PROCESS_GROUPS[key] = cast(dist.ProcessGroup,
+                                        dist.new_group(list(group.ranks), use_local_synchronization=True))
+        return _PROCESS_GROUPS[key]
 
     def __del__(self) -> None:
         pending = getattr(self, "_pending", None)
@@ -153,12 +164,12 @@ class GossipEngine:
             if self.check_rounds:
                 rnd.stamp_out = torch.tensor([round_, numel], dtype=torch.int64, device=device)
                 rnd.stamp = torch.empty_like(rnd.stamp_out)
-                ops += [dist.P2POp(dist.isend, rnd.stamp_out, peer, tag=0),
-                        dist.P2POp(dist.irecv, rnd.stamp, peer, tag=0)]
+                ops += [dist.P2POp(dist.isend, rnd.stamp_out, peer, tag=self.tag_base),
+                        dist.P2POp(dist.irecv, rnd.stamp, peer, tag=self.tag_base)]
             for i in active:
                 # The bucket is sent as it is: nothing writes it before the next step() waits for the send.
-                ops.append(dist.P2POp(dist.isend, self.buckets[i].flat, peer, tag=i + 1))
-                ops.append(dist.P2POp(dist.irecv, self._buffer(i), peer, tag=i + 1))
+                ops.append(dist.P2POp(dist.isend, self.buckets[i].flat, peer, tag=self.tag_base + i + 1))
+                ops.append(dist.P2POp(dist.irecv, self._buffer(i), peer, tag=self.tag_base + i + 1))
             rnd.works = dist.batch_isend_irecv(ops)
             self.elements_sent += numel
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import timedelta
@@ -371,6 +372,38 @@ class DecentOptimWrapper(Optimizer):
             sq += (b.flat.double() - m.double()).square().sum()
         self._engine.all_reduce_mean([sq])
         return float(sq.sqrt())
+
+    @torch.no_grad()
+    def reduce_metrics(self, metrics: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Combine per-rank optimizer metrics (scalars) across all ranks; every rank gets the same result.
+
+        If the inner optimizer has ``pre_reduce_metrics`` / ``post_reduce_metrics`` (``DecoupledLionW``
+        does), the metrics are mapped to sums, summed over ranks and mapped back, so that norms and cosines
+        describe the vectors of all ranks taken together; otherwise each metric is averaged over ranks.
+        All ranks must pass the same keys.
+        """
+        inner = self._optimizer
+        device = self._buckets[0].flat.device if self._buckets else torch.device("cpu")
+        work = dict(metrics)
+        pre = getattr(inner, "pre_reduce_metrics", None)
+        post = getattr(inner, "post_reduce_metrics", None)
+        if callable(pre) and callable(post):
+            work = pre(work)
+        keys = sorted(work)
+        values = torch.stack([torch.as_tensor(work[k], dtype=torch.float64).reshape(()).to(device) for k in keys]) \
+            if keys else torch.zeros(0, dtype=torch.float64, device=device)
+        if self._world_size > 1:
+            digest = zlib.crc32("\x00".join(keys).encode())
+            check = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+            dist.all_reduce(check, op=dist.ReduceOp.MAX)
+            if check[0].item() != digest or -check[1].item() != digest:
+                raise ValueError("reduce_metrics: the ranks passed different metric names; pass the same keys "
+                                 "on every rank.")
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        out = dict(zip(keys, values.unbind()))
+        if callable(pre) and callable(post):
+            return post(out)
+        return {k: v / self._world_size for k, v in out.items()}
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,229 @@
+"""DecentralizedDataParallel: the Decent-DP module API, on the same buckets, topologies and gossip engine.
+
+The model's trainable parameters are split into buckets of about ``bucket_size_in_mb``, in reverse
+registration order (roughly the order their gradients become ready in backward). Each bucket gets its own
+optimizer from ``optim_fn`` and is driven by its own :class:`~decent_optim_wrapper.DecentOptimWrapper`. When
+the last gradient of a bucket has been accumulated during ``backward()``, that bucket is stepped right away:
+its previous averaging is applied, its optimizer steps, and its next averaging starts, while backward goes on
+computing the gradients of earlier layers. No ``optimizer.step()`` in the training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from loguru import logger
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .wrapper import DecentOptimWrapper
+
+__all__ = ["DecentralizedDataParallel", "OPTIM_FN_TYPE", "LR_SCHEDULER_FN_TYPE"]
+
+OPTIM_FN_TYPE = Callable[[list[tuple[str, Tensor]]], Optimizer]
+_TAGS_PER_BUCKET = 1 << 10
+LR_SCHEDULER_FN_TYPE = Callable[[Optimizer], Any]
+
+
+class DecentralizedDataParallel(nn.Module):
+    """Wrap ``model`` for decentralized data-parallel training; the optimizer steps inside ``backward()``.
+
+    Args:
+        model: the model, already on its device.
+        optim_fn: ``optim_fn(named_params) -> Optimizer``, called once per bucket with ``[(name, param), ...]``
+            (see :mod:`decent_optim_wrapper.optim`).
+        lr_scheduler_fn: optional ``lr_scheduler_fn(optimizer) -> scheduler``, called once per bucket; each
+            scheduler steps once per iteration.
+        topology: a registered topology name (see ``TopologyFactory.available()``).
+        scaler: an optional ``torch.amp.GradScaler``; ``update()`` runs once per iteration.
+        grad_clip_norm: if > 0, clip each bucket's gradients to this norm before its step (per bucket, since
+            the buckets step one by one during backward).
+        sync_buffer_in_global_avg: also average floating-point buffers (BatchNorm statistics) in
+            :meth:`global_avg`.
+        bucket_size_in_mb: target bucket size.
+        local_world_size: ranks per node for hierarchical topologies; default ``LOCAL_WORLD_SIZE`` or 1.
+        timeout: seconds a bucket's averaging may wait for its peers (see ``DecentOptimWrapper``).
+    """
+
+    def __init__(self, model: nn.Module, optim_fn: OPTIM_FN_TYPE, lr_scheduler_fn: LR_SCHEDULER_FN_TYPE | None = None,
+                 topology: str = "complete", scaler: torch.amp.GradScaler | None = None, grad_clip_norm: float = 0.0,
+                 sync_buffer_in_global_avg: bool = False, bucket_size_in_mb: float = 25,
+                 local_world_size: int | None = None, timeout: float | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"Invalid model of type {type(model).__name__}. Must be a torch.nn.Module.")
+        if not callable(optim_fn):
+            raise ValueError(f"Invalid optim_fn={optim_fn!r}. Must be callable: optim_fn(named_params) -> Optimizer.")
+        if lr_scheduler_fn is not None and not callable(lr_scheduler_fn):
+            raise ValueError(f"Invalid lr_scheduler_fn={lr_scheduler_fn!r}. Must be callable or None.")
+        if isinstance(grad_clip_norm, bool) or not isinstance(grad_clip_norm, (int, float)) or grad_clip_norm < 0:
+            raise ValueError(f"Invalid grad_clip_norm={grad_clip_norm!r}. Must be a number >= 0 (0: no clipping).")
+        if isinstance(bucket_size_in_mb, bool) or not isinstance(bucket_size_in_mb, (int, float)) \
+                or not bucket_size_in_mb > 0:
+            raise ValueError(f"Invalid bucket_size_in_mb={bucket_size_in_mb!r}. Must be a number > 0.")
+        self.module = model
+        self._scaler = scaler
+        self._grad_clip_norm = float(grad_clip_norm)
+        self._sync_buffers = sync_buffer_in_global_avg
+        self._accumulating = False
+        self._accumulated = False  # a backward ran while accumulating: set_accumulate_grad(False) steps
+        self._iteration_open = False  # some bucket stepped in this iteration; the rest must follow
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("Invalid model: it has no parameters with requires_grad=True.")
+        # Reverse registration order approximates the order in which backward produces the gradients.
+        cap = bucket_size_in_mb * 2**20
+        chunks: list[list[tuple[str, Tensor]]] = [[]]
+        size = 0
+        for name, p in reversed(named):
+            nbytes = p.numel() * p.element_size()
+            if chunks[-1] and size + nbytes > cap:
+                chunks.append([])
+                size = 0
+            chunks[-1].append((name, p))
+            size += nbytes
+        self._optimizers: list[DecentOptimWrapper] = []
+        self._schedulers: list[Any] = []
+        for chunk in chunks:
+            wrapper = DecentOptimWrapper(optim_fn(chunk), local_world_size=local_world_size, topology=topology,
+                                         bucket_cap_mb=float("inf"), timeout=timeout)
+            # Buckets exchange with the same peers at nearly the same time: keep their messages apart.
+            wrapper._engine.tag_base = len(self._optimizers) * _TAGS_PER_BUCKET
+            self._optimizers.append(wrapper)
+            self._schedulers.append(lr_scheduler_fn(wrapper) if lr_scheduler_fn is not None else None)
+        self._bucket_params: list[list[Tensor]] = [[p for _, p in chunk] for chunk in chunks]
+        self._ready = [0] * len(chunks)
+        self._stepped = [False] * len(chunks)
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._make_hook(i))
+            for i, params in enumerate(self._bucket_params) for p in params
+        ]
+        logger.debug("DecentralizedDataParallel: {} bucket(s) of sizes {}", len(chunks), [len(c) for c in chunks])
+
+    # ------------------------------------------------------------------ the module
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._iteration_open:
+            self._finish_iteration()  # buckets whose parameters got no gradient still take their round
+        return self.module(*args, **kwargs)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return self.module.parameters(recurse)
+
+    @property
+    def optimizers(self) -> list[DecentOptimWrapper]:
+        """One :class:`DecentOptimWrapper` per bucket, in stepping order."""
+        return self._optimizers
+
+    @property
+    def lr_schedulers(self) -> list[Any]:
+        return self._schedulers
+
+    # ------------------------------------------------------------------ stepping inside backward
+    def _make_hook(self, bucket: int) -> Callable[[Tensor], None]:
+        def hook(_: Tensor) -> None:
+            if self._accumulating:
+                self._accumulated = True
+                return
+            self._ready[bucket] += 1
+            if self._ready[bucket] == len(self._bucket_params[bucket]) and not self._stepped[bucket]:
+                self._step_bucket(bucket)
+                if all(self._stepped):
+                    self._close_iteration()
+
+        return hook
+
+    @torch.no_grad()
+    def _step_bucket(self, i: int) -> None:
+        self._iteration_open = True
+        opt = self._optimizers[i]
+        if self._scaler is not None:
+            if self._grad_clip_norm > 0:
+                self._scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(self._bucket_params[i], self._grad_clip_norm)
+            self._scaler.step(opt)
+        else:
+            if self._grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self._bucket_params[i], self._grad_clip_norm)
+            opt.step()
+        opt.zero_grad()
+        if self._schedulers[i] is not None:
+            self._schedulers[i].step()
+        self._stepped[i] = True
+
+    def _close_iteration(self) -> None:
+        if self._scaler is not None:
+            self._scaler.update()
+        self._ready = [0] * len(self._ready)
+        self._stepped = [False] * len(self._stepped)
+        self._iteration_open = False
+
+    def _finish_iteration(self) -> None:
+        for i, done in enumerate(self._stepped):
+            if not done:
+                self._step_bucket(i)
+        self._close_iteration()
+
+    def set_accumulate_grad(self, enable: bool = True) -> None:
+        """Accumulate gradients over several backward passes instead of stepping in each.
+
+        Turning it off after gradients were accumulated performs the update right away, once, with the
+        accumulated gradients (and one averaging round).
+        """
+        if self._iteration_open:
+            self._finish_iteration()
+        self._accumulating = enable
+        if not enable and self._accumulated:
+            self._accumulated = False
+            self._finish_iteration()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients (the buckets already clear theirs after stepping)."""
+        self.module.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ evaluation, export, metrics
+    def _flush(self) -> None:
+        if self._iteration_open:
+            self._finish_iteration()
+
+    def global_avg(self, will_revert: bool = True) -> None:
+        """Replace every worker's parameters (and buffers, if ``sync_buffer_in_global_avg``) by the mean."""
+        self._flush()
+        for k, opt in enumerate(self._optimizers):
+            # the module's buffers are averaged once, with the first bucket
+            opt.global_avg(may_revert=will_revert, module=self.module if self._sync_buffers and k == 0 else None)
+
+    def revert_global_avg(self) -> None:
+        """Restore what :meth:`global_avg` replaced; training continues as if it never ran."""
+        for opt in self._optimizers:
+            opt.revert_global_avg()
+
+    def consensus_distance(self) -> float:
+        """``sqrt(mean_i ||x_i - x̄||^2)`` over all trainable parameters; the same on every rank."""
+        return sum(opt.consensus_distance() ** 2 for opt in self._optimizers) ** 0.5
+
+    def get_lr(self) -> float:
+        """The current learning rate of the first bucket."""
+        sched = self._schedulers[0]
+        if sched is not None and hasattr(sched, "get_last_lr"):
+            return float(sched.get_last_lr()[0])
+        return float(self._optimizers[0].param_groups[0]["lr"])
+
+    def optim_state_dict(self) -> dict[str, Any]:
+        """The buckets' optimizer (and scheduler) states, for checkpointing next to ``module.state_dict()``."""
+        self._flush()
+        return {"optimizers": [o.state_dict() for o in self._optimizers],
+                "schedulers": [s.state_dict() if s is not None else None for s in self._schedulers]}
+
+    def load_optim_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`optim_state_dict` returned."""
+        if len(state.get("optimizers", [])) != len(self._optimizers):
+            raise ValueError(f"Cannot load optimizer states of {len(state.get('optimizers', []))} buckets into "
+                             f"{len(self._optimizers)} buckets (another model or bucket_size_in_mb?).")
+        for opt, sd in zip(self._optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        for sched, sd in zip(self._schedulers, state["schedulers"]):
+            if sched is not None and sd is not None:
+                sched.load_state_dict(sd)
