@@ -1,0 +1,292 @@
+"""DecentralizedDataParallel: the Decent-DP module API on several gloo ranks, the seed tutorials' code with
+only the imports changed, and equality with DecentOptimWrapper on the same model and data."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+from harness import run_ranks
+
+from decent_optim_wrapper import DecentOptimWrapper
+from decent_optim_wrapper.ddp import DecentralizedDataParallel
+from decent_optim_wrapper.ddp import DecentralizedDataParallel as DecentDP
+from decent_optim_wrapper.optim import lr_scheduler_fn_cosine_with_warmup, optim_fn_adamw
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _data(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7919 * rank + step)
+    return torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+
+
+def _adamw_fn(params):
+    return torch.optim.AdamW([p for _, p in params], lr=1e-2, weight_decay=0.01)
+
+
+def _ddp_vs_wrapper(rank: int, world_size: int, topology: str, accum: int) -> dict:
+    criterion = nn.CrossEntropyLoss()
+    # DecentralizedDataParallel, small buckets so that several step one after another during backward
+    model = _model()
+    ddp = DecentralizedDataParallel(model, _adamw_fn, topology=topology, bucket_size_in_mb=0.002)
+    for step in range(6):
+        if accum > 1:
+            ddp.set_accumulate_grad(True)
+            for micro in range(accum):
+                x, y = _data(rank, step * accum + micro)
+                (criterion(ddp(x), y) / accum).backward()
+            ddp.set_accumulate_grad(False)
+        else:
+            x, y = _data(rank, step)
+            ddp.zero_grad()
+            criterion(ddp(x), y).backward()
+    n_buckets = len(ddp.optimizers)
+    ddp.global_avg()
+    ddp_avg = [p.detach().clone() for p in model.parameters()]
+    ddp.revert_global_avg()
+    ddp_params = [p.detach().clone() for p in model.parameters()]
+
+    # DecentOptimWrapper, same model, data and optimizer
+    model = _model()
+    opt = DecentOptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01), topology=topology)
+    for step in range(6):
+        opt.zero_grad()
+        for micro in range(accum):
+            x, y = _data(rank, step * accum + micro)
+            (criterion(model(x), y) / accum if accum > 1 else criterion(model(x), y)).backward()
+        opt.step()
+    opt.global_avg()
+    wrapper_avg = [p.detach().clone() for p in model.parameters()]
+    opt.revert_global_avg()
+    return {"n_buckets": n_buckets,
+            "maxdiff": max((a - b).abs().max().item() for a, b in zip(ddp_params, model.parameters())),
+            "avg_maxdiff": max((a - b).abs().max().item() for a, b in zip(ddp_avg, wrapper_avg))}
+
+
+@pytest.mark.parametrize("topology,accum", [("ring", 1), ("complete", 1), ("one-peer-exp", 3)])
+def test_ddp_and_wrapper_follow_the_same_trajectory(topology: str, accum: int) -> None:
+    for r in run_ranks(_ddp_vs_wrapper, 4, topology, accum):
+        assert r["n_buckets"] >= 3
+        # Pairs exchange point to point and mix elementwise: bit for bit whatever the bucketing. An
+        # all-reduce over differently sized buckets may sum in another order: equal up to rounding.
+        assert r["maxdiff"] == 0.0 if topology != "complete" else r["maxdiff"] < 1e-6, r
+        assert r["avg_maxdiff"] < 1e-6, r
+
+
+# ----------------------------------------------------------------------------- seed 000, imports changed
+class TinyEncoderDecoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(8, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.decoder = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.decoder(torch.relu(self.bn(self.encoder(x))))
+
+
+def _seed_000(rank: int, world_size: int) -> list[str]:
+    from torch.optim import Optimizer  # noqa: F401  (the tutorial imports it)
+
+    from decent_optim_wrapper.optim import optim_fn_adamw
+
+    done = []
+    model = TinyEncoderDecoder()
+    criterion = nn.CrossEntropyLoss()
+
+    def train(ddp_model, steps: int = 3) -> None:
+        for step in range(steps):
+            data, target = _data(rank, step)
+            ddp_model.zero_grad()
+            criterion(ddp_model(data), target).backward()
+
+    # Basic usage / customized hyperparameters
+    ddp_model = DecentDP(model, optim_fn=optim_fn_adamw)
+    train(ddp_model)
+    custom_adamw = partial(optim_fn_adamw, lr=0.001, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8)
+    ddp_model = DecentDP(TinyEncoderDecoder(), optim_fn=custom_adamw)
+    train(ddp_model)
+    done.append("adamw")
+
+    def optim_fn_sgd(params, lr=0.01, momentum=0.9, weight_decay=0.0):
+        """Custom SGD optimizer function."""
+        params_no_decay = [x for n, x in params if not (("bn" in n) or ("bias" in n))]
+        params_decay = [x for n, x in params if ("bn" in n) or ("bias" in n)]
+        param_groups = [
+            {"params": params_no_decay, "weight_decay": 0.0},
+            {"params": params_decay, "weight_decay": weight_decay},
+        ]
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum)
+
+    ddp_model = DecentDP(TinyEncoderDecoder(), optim_fn=optim_fn_sgd)
+    train(ddp_model)
+    done.append("sgd")
+
+    def optim_fn_custom_adam(params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+        encoder_params = [x for n, x in params if "encoder" in n]
+        decoder_params = [x for n, x in params if "decoder" in n]
+        param_groups = [
+            {"params": encoder_params, "lr": lr * 0.1},
+            {"params": decoder_params, "lr": lr},
+        ]
+        return torch.optim.Adam(param_groups, betas=(beta1, beta2), eps=eps)
+
+    ddp_model = DecentDP(TinyEncoderDecoder(), optim_fn=optim_fn_custom_adam)
+    train(ddp_model)
+    done.append("custom-adam")
+
+    ddp_model = DecentDP(TinyEncoderDecoder(), optim_fn=optim_fn_adamw,
+                         lr_scheduler_fn=lr_scheduler_fn_cosine_with_warmup)
+    train(ddp_model)
+    assert 0 < ddp_model.get_lr() < 1e-3  # still warming up
+    done.append("cosine-warmup")
+
+    def custom_lr_scheduler_fn(optimizer, step_size=10, gamma=0.1):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
+
+    ddp_model = DecentDP(TinyEncoderDecoder(), optim_fn=optim_fn_adamw, lr_scheduler_fn=custom_lr_scheduler_fn)
+    train(ddp_model, 12)
+    assert ddp_model.get_lr() == pytest.approx(1e-4)
+    done.append("steplr")
+
+    calls = []
+
+    class TopologyAwareOptimizer(torch.optim.Optimizer):
+        def __init__(self, params, lr=0.01):
+            super().__init__(params, dict(lr=lr))
+
+        def pre_average_hook(self, edge, weight):
+            calls.append((tuple(edge.ranks), weight))
+            for param_group in self.param_groups:
+                param_group["lr"] = self.defaults["lr"] * len(edge.ranks)
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
+
+    ddp_model = DecentDP(TinyEncoderDecoder(), optim_fn=lambda params: TopologyAwareOptimizer([p for _, p in params]),
+                         topology="ring")
+    train(ddp_model, 2)
+    assert calls and all(len(ranks) == 2 and w == 0.5 for ranks, w in calls)
+    done.append("topology-aware")
+    return done
+
+
+def test_seed_000_code_blocks_run_on_four_ranks() -> None:
+    for done in run_ranks(_seed_000, 4, timeout=120):
+        assert done == ["adamw", "sgd", "custom-adam", "cosine-warmup", "steplr", "topology-aware"]
+
+
+# ----------------------------------------------------------------------------- seed 001, imports changed
+def _seed_001(rank: int, world_size: int) -> dict:
+    from torch.cuda.amp import GradScaler  # noqa: F401  (as the tutorial imports it; disabled on CPU)
+
+    from decent_optim_wrapper.optim import optim_fn_adamw
+
+    model = TinyEncoderDecoder()
+
+    def my_optim_fn(params):
+        return torch.optim.SGD([p for _, p in params], lr=0.01, momentum=0.9)
+
+    ddp_model = DecentDP(model, my_optim_fn, lr_scheduler_fn=None, topology="complete", bucket_size_in_mb=25)
+    criterion = nn.CrossEntropyLoss()
+    train_loader = [_data(rank, s) for s in range(4)]
+    val_loader = [_data(100 + rank, s) for s in range(2)]
+    num_epochs = 2
+    for _epoch in range(num_epochs):
+        ddp_model.train()
+        for _batch_idx, (data, target) in enumerate(train_loader):
+            output = ddp_model(data)
+            loss = criterion(output, target)
+            ddp_model.zero_grad()
+            loss.backward()
+        ddp_model.eval()
+        with torch.no_grad():
+            for data, target in val_loader:
+                output = ddp_model(data)
+                val_loss = criterion(output, target)
+
+    # Gradient accumulation
+    accumulation_steps = 3
+    data, target = train_loader[0]
+    ddp_model.train()
+    ddp_model.set_accumulate_grad(True)
+    for _i in range(accumulation_steps):
+        output = ddp_model(data)
+        loss = criterion(output, target) / accumulation_steps
+        loss.backward()
+    ddp_model.set_accumulate_grad(False)
+
+    for topology in ["complete", "ring", "one-peer-exp", "alternating-exp-ring"]:
+        ddp_model = DecentDP(TinyEncoderDecoder(), optim_fn=optim_fn_adamw, topology=topology, bucket_size_in_mb=50)
+        ddp_model.zero_grad()
+        criterion(ddp_model(data), target).backward()
+    ddp_model = DecentDP(TinyEncoderDecoder(), optim_fn=optim_fn_adamw, grad_clip_norm=1.0)
+    criterion(ddp_model(data), target).backward()
+    scaler = torch.amp.GradScaler("cpu")
+    ddp_model = DecentDP(TinyEncoderDecoder(), optim_fn=optim_fn_adamw, scaler=scaler, grad_clip_norm=1.0)
+    for _ in range(2):
+        scaler.scale(criterion(ddp_model(data), target)).backward()
+    ddp_model.global_avg()
+    return {"val_loss": float(val_loss), "weight": ddp_model.module.decoder.weight.flatten().tolist()}
+
+
+def test_seed_001_code_blocks_run_on_four_ranks() -> None:
+    results = run_ranks(_seed_001, 4, timeout=120)
+    assert all(r["weight"] == results[0]["weight"] for r in results)
+
+
+def _unused_bucket(rank: int, world_size: int) -> list[int]:
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    ddp = DecentralizedDataParallel(TwoHeads(), _adamw_fn, topology="ring", bucket_size_in_mb=1e-5)
+    for step in range(3):
+        ddp(torch.randn(2, 4)).sum().backward()
+    ddp(torch.randn(2, 4))  # the next forward makes the idle bucket take its round
+    return [o.round for o in ddp.optimizers]
+
+
+def test_buckets_without_gradients_still_take_their_round() -> None:
+    for rounds in run_ranks(_unused_bucket, 2):
+        assert rounds == [3] * len(rounds) and len(rounds) == 4
+
+
+def test_ddp_validates_arguments() -> None:
+    with pytest.raises(ValueError, match="Invalid grad_clip_norm=-1"):
+        DecentralizedDataParallel(_model(), _adamw_fn, grad_clip_norm=-1)
+    with pytest.raises(ValueError, match="Invalid optim_fn"):
+        DecentralizedDataParallel(_model(), None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Invalid bucket_size_in_mb=0"):
+        DecentralizedDataParallel(_model(), _adamw_fn, bucket_size_in_mb=0)
+
+
+def test_ddp_world_size_one_equals_bare_optimizer() -> None:
+    bare = _model()
+    opt = torch.optim.AdamW(bare.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    ddp = DecentralizedDataParallel(_model(), partial(optim_fn_adamw, weight_decay=0.0), bucket_size_in_mb=0.002)
+    criterion = nn.CrossEntropyLoss()
+    for step in range(5):
+        x, y = _data(0, step)
+        opt.zero_grad()
+        criterion(bare(x), y).backward()
+        opt.step()
+        criterion(ddp(x), y).backward()
+    for a, b in zip(bare.parameters(), ddp.module.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
