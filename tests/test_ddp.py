@@ -257,7 +257,7 @@ def _unused_bucket(rank: int, world_size: int) -> list[int]:
 
     torch.manual_seed(0)
     ddp = DecentralizedDataParallel(TwoHeads(), _adamw_fn, topology="ring", bucket_size_in_mb=1e-5)
-    for step in range(3):
+    for _ in range(3):
         ddp(torch.randn(2, 4)).sum().backward()
     ddp(torch.randn(2, 4))  # the next forward makes the idle bucket take its round
     return [o.round for o in ddp.optimizers]
