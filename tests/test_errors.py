@@ -24,6 +24,8 @@ def _params() -> list[torch.nn.Parameter]:
     ({"world_size": 4}, "Invalid rank=None, world_size=4: torch.distributed is not initialised."),
     ({"rank": 1}, "Invalid rank=1, world_size=None: torch.distributed is not initialised."),
     ({"rank": 1.0}, "Invalid rank=1.0. Must be an int or None."),
+    ({"timeout": 0}, "Invalid timeout=0. Must be a positive number of seconds, a timedelta or None."),
+    ({"timeout": "10"}, "Invalid timeout='10'."),
 ])
 def test_bad_arguments_raise_value_error(kwargs: dict, msg: str) -> None:
     with pytest.raises(ValueError, match=re.escape(msg)):

@@ -66,6 +66,7 @@ class DecentOptimWrapper(Optimizer):
             raise ValueError(f"Invalid optimizer of type {type(optimizer).__name__}. Must be a torch.optim.Optimizer.")
         if isinstance(optimizer, DecentOptimWrapper):
             raise ValueError("Invalid optimizer: it is already a DecentOptimWrapper; wrap the inner optimizer once.")
+        timeout_td = _as_timedelta(timeout)
         self._init_optimizer_hooks()
         self._optimizer = optimizer
         self._rank, self._world_size, error = _resolve_rank_and_world_size(rank, world_size)
@@ -98,8 +99,8 @@ class DecentOptimWrapper(Optimizer):
             with torch.no_grad():
                 for b in self._buckets:
                     dist.broadcast(b.flat, src=0)
-        self._engine = GossipEngine(schedule, self._rank, self._buckets, timeout=_as_timedelta(timeout),
-                                    check_rounds=check_rounds)
+        self._engine = GossipEngine(schedule, self._rank, self._buckets, timeout=timeout_td,
+                                    check_rounds=bool(check_rounds))
         logger.debug(
             "rank {}/{}: topology {} with period {}, {} bucket(s)",
             self._rank, self._world_size, self.topology.name, schedule.period, len(self._buckets),
