@@ -141,3 +141,15 @@ def test_schedule_digest_tells_schedules_apart() -> None:
 def test_get_group_cycles_with_the_step() -> None:
     t = RingTopology(0, 4)
     assert [t.get_group(s).ranks for s in range(4)] == [(0, 1), (0, 3), (0, 1), (0, 3)]
+
+
+def test_weighted_groups_survive_the_per_rank_form() -> None:
+    from decent_optim_wrapper.topo import OnePeerExpTopology
+
+    per_rank = OnePeerExpTopology(0, 3).assign_groups()  # round 1 pairs (0, 2) with self-weight 1/3
+    g = per_rank[2][1]
+    assert isinstance(g, Group) and g.weight == pytest.approx(1 / 3)
+    assert list(g) == [0, 2] and len(g) == 2 and 2 in g and sorted(g) == [0, 2]
+    assert per_rank[0][0] == [0, 1]  # unweighted groups stay plain lists
+    rebuilt = Schedule.from_per_rank(3, per_rank)
+    assert rebuilt.digest() == OnePeerExpTopology(0, 3).schedule().digest()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,6 +47,17 @@ class Group:
 
     ranks: tuple[int, ...]
     weight: float | None = None
+
+    # A Group reads like the list of its ranks (len, iteration, `in`), so code written for the 0.1
+    # assign_groups() form keeps working where a schedule hands out weighted groups.
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.ranks)
+
+    def __contains__(self, rank: object) -> bool:
+        return rank in self.ranks
 
     @property
     def size(self) -> int:
@@ -149,9 +160,16 @@ class Schedule:
         t = round_ % self.period
         return self.rounds[t][self._owner[t][rank]]
 
-    def per_rank(self) -> list[list[list[int]]]:
-        """The schedule in the 0.1 ``assign_groups()`` form: ``[rank][round] -> sorted ranks``."""
-        return [[list(self.group(r, t).ranks) for t in range(self.period)] for r in range(self.world_size)]
+    def per_rank(self) -> list[list[Any]]:
+        """The schedule in the 0.1 ``assign_groups()`` form: ``[rank][round] -> sorted ranks``.
+
+        A weighted group is given as its :class:`Group` (which iterates like its list of ranks), so that
+        its weight is not lost.
+        """
+        def entry(g: Group) -> Any:
+            return list(g.ranks) if g.weight is None else g
+
+        return [[entry(self.group(r, t)) for t in range(self.period)] for r in range(self.world_size)]
 
     def digest(self) -> str:
         """A short fingerprint; ranks compare it to check they all built the same schedule."""
@@ -252,8 +270,9 @@ class Topology:
     def name(self) -> str:
         return self._topology
 
-    def assign_groups(self) -> list[list[list[int]]]:
-        """For every rank, its group in each round: ``groups[rank][round] -> list of ranks``."""
+    def assign_groups(self) -> list[list[Any]]:
+        """For every rank, its group in each round: ``groups[rank][round] -> list of ranks`` (or a weighted
+        :class:`Group`)."""
         if type(self).rounds is Topology.rounds:
             raise NotImplementedError(f"{type(self).__name__} must implement assign_groups() or rounds().")
         return self.schedule().per_rank()
