@@ -411,3 +411,16 @@ def test_copy_of_model_is_not_shared() -> None:
     with torch.no_grad():
         m2[0].weight.add_(1.0)
     assert not torch.equal(m[0].weight, m2[0].weight)
+
+
+def test_non_contiguous_parameters_keep_their_values() -> None:
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    t = torch.nn.Parameter(torch.randn(6, 4).t())  # a transposed (non-contiguous) leaf
+    expected = [conv.weight.detach().clone(), conv.bias.detach().clone(), t.detach().clone()]
+    opt = DecentOptimWrapper(torch.optim.SGD(list(conv.parameters()) + [t], lr=0.1))
+    for e, p in zip(expected, list(conv.parameters()) + [t]):
+        torch.testing.assert_close(p, e, rtol=0, atol=0)
+    x = torch.randn(2, 3, 8, 8)
+    conv(x).sum().backward()
+    opt.step()  # trains as usual on the bucket views
+    assert not torch.equal(conv.weight, expected[0])

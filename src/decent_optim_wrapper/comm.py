@@ -120,7 +120,10 @@ class GossipEngine:
         pending = getattr(self, "_pending", None)
         if pending is not None and pending.works:
             tensors = [t for t in self.buffers if t is not None] + [b.flat for b in self.buckets]
-            _ORPHANS.append((pending.works, tensors))
+            try:
+                _ORPHANS.append((pending.works, tensors))
+            except Exception:  # interpreter shutdown: module globals may already be gone
+                pass
 
     def add_buckets(self, buckets: list[Bucket]) -> None:
         """Include more buckets in the rounds launched from now on (appended to the list given at construction)."""
