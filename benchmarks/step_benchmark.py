@@ -1,7 +1,7 @@
 """Time per step() and per iteration, and extra memory: bare optimizer vs DecentOptimWrapper vs DDP.
 
-    uv run --group benchmarks python benchmarks/step_benchmark.py                    # 1M, 10M, 50M parameters
-    uv run --group benchmarks python benchmarks/step_benchmark.py --sizes 1M --iters 20
+    uv run python benchmarks/step_benchmark.py                    # 1M, 10M, 50M parameters
+    uv run python benchmarks/step_benchmark.py --sizes 1M --iters 20
 
 For each model size (an MLP of four square layers), in one run:
 

@@ -1,7 +1,7 @@
 """The main job: decentralized training vs all-reduce on a real task, same data, steps and hyper-parameters.
 
-    uv run --group benchmarks python benchmarks/train_compare.py            # 4 workers, all methods
-    uv run --group benchmarks python benchmarks/train_compare.py --workers 8 --steps 600 --out results/run8
+    uv run python benchmarks/train_compare.py            # 4 workers, all methods
+    uv run python benchmarks/train_compare.py --workers 8 --steps 600 --out results/run8
 
 Trains an MLP on scikit-learn's bundled handwritten digits (1,797 8x8 images, shipped with the package: no
 download), each worker on its own shard, with AdamW and these ways of keeping the workers together:

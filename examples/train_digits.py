@@ -2,7 +2,7 @@
 
 Run on 4 CPU workers (gloo)::
 
-    uv run --group benchmarks torchrun --nproc-per-node 4 examples/train_digits.py --topology ring
+    uv run torchrun --nproc-per-node 4 examples/train_digits.py --topology ring
 
 Each worker trains on its own quarter of the training set with AdamW wrapped in DecentOptimWrapper; every
 epoch the workers' models are globally averaged for evaluation, then reverted so training continues

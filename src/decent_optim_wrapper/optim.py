@@ -104,6 +104,14 @@ def lr_scheduler_fn_cosine_with_warmup(optimizer: Optimizer, t_max: int = 1000, 
     return torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers=[warmup, cosine], milestones=[t_warmup])
 
 
+def _evaluate(closure: Callable[[], float] | None) -> float | None:
+    """Run an optimizer closure with gradients enabled (step() itself runs under no_grad)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _check_hyper(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
     if not 0.0 <= lr:
         raise ValueError(f"Invalid lr={lr!r}. Must be >= 0.")
@@ -145,10 +153,7 @@ class AccumAdam(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             params, grads, ms, vs, accs, steps = [], [], [], [], [], []
             for p in group["params"]:
@@ -276,10 +281,7 @@ class DecoupledLionW(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
