@@ -430,3 +430,12 @@ def test_global_avg_with_module_averages_floating_buffers() -> None:
         assert r["avg"] == [1.5] * 4
         assert r["restored"] == [float(rank)] * 4
         assert r["tracked"] == 0  # integer buffers are left alone
+
+
+def test_grad_scaler_step_when_no_parameter_has_a_gradient() -> None:
+    p, other = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = DecentOptimWrapper(torch.optim.SGD([p], lr=0.1))
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(other.sum()).backward()  # the loss does not reach this optimizer's parameters
+    scaler.step(opt)  # GradScaler hands over found_inf as a plain 0 here; the round still runs
+    assert opt.round == 1 and p.tolist() == [1.0, 1.0, 1.0]

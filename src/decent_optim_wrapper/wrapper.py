@@ -213,7 +213,7 @@ class DecentOptimWrapper(Optimizer):
         return loss
 
     @torch.no_grad()
-    def _amp_inner_step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor) -> None:
+    def _amp_inner_step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | int) -> None:
         inner = self._optimizer
         if getattr(inner, "_step_supports_amp_scaling", False):  # fused optimizers unscale and skip themselves
             inner.grad_scale, inner.found_inf = grad_scale, found_inf  # type: ignore[attr-defined]
@@ -222,7 +222,8 @@ class DecentOptimWrapper(Optimizer):
             finally:
                 del inner.grad_scale, inner.found_inf  # type: ignore[attr-defined]
             return
-        if found_inf.item() != 0:
+        # GradScaler passes a plain 0 when none of these parameters has a gradient (an idle bucket, say)
+        if float(found_inf) != 0.0:
             logger.debug("rank {}: inf/NaN gradients, local update skipped; round {} still runs",
                          self._rank, self._round)
             return
