@@ -5,8 +5,9 @@ Round ``t`` puts rank ``i`` in group ``G`` with self-weight ``w`` and peer weigh
 
 * ``|G| == 1``: nothing to do.
 * ``|G| == 2``: point-to-point exchange. The bucket is sent as it is (nothing writes it before the next
-  ``step()`` waits for the send) and the peer's bucket lands in the receive buffer; the mix is one pass,
-  ``x_i*w + x_j*(1-w)``. With uniform weights this is bit for bit what the all-reduce of ``x*0.5`` gives.
+  ``step()`` waits for the send), so nothing is prepared, and the peer's bucket lands in the receive buffer;
+  the mix ``x_i*w + x_j*(1-w)`` takes two passes (scale, add), the same count as the all-reduce path's
+  prepare and apply. With uniform weights this is bit for bit what the all-reduce of ``x*0.5`` gives.
 * otherwise: ``buffer = x_i * c`` (one pass), a non-blocking SUM all-reduce over the group's process group,
   then ``x_i <- buffer`` for uniform weights (or ``x_i*(w-c) + buffer``). This is decent-optim-wrapper 0.1's
   arithmetic, so the same seeds give the same numbers.
