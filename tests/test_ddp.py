@@ -275,6 +275,8 @@ def test_ddp_validates_arguments() -> None:
         DecentralizedDataParallel(_model(), None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Invalid bucket_size_in_mb=0"):
         DecentralizedDataParallel(_model(), _adamw_fn, bucket_size_in_mb=0)
+    with pytest.raises(ValueError, match="Invalid optim_fn: it returned list, not a torch.optim.Optimizer"):
+        DecentralizedDataParallel(_model(), lambda params: [p for _, p in params])
 
 
 def test_ddp_world_size_one_equals_bare_optimizer() -> None:

@@ -42,6 +42,14 @@ _ORPHANS: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
 _PROCESS_GROUPS: dict[tuple[Any, tuple[int, ...]], dist.ProcessGroup] = {}
 
 
+def _stamp(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small int64 tensor on ``device``, filled by device-side writes (no host-device synchronisation)."""
+    t = torch.empty(len(values), dtype=torch.int64, device=device)
+    for i, v in enumerate(values):
+        t[i] = v  # a scalar fill: a kernel on CUDA, never a blocking copy from host memory
+    return t
+
+
 def _prune_orphans() -> None:
     _ORPHANS[:] = [o for o in _ORPHANS if not all(w.is_completed() for w in o[0])]
 
@@ -61,6 +69,9 @@ class _Round:
     # Round numbers exchanged with the data: the peer's (pairs) or [max, -min] over the group.
     stamp: torch.Tensor | None = None
     stamp_out: torch.Tensor | None = None
+    # CUDA: the stamp copied to pinned host memory without blocking, and the event that says it has landed.
+    stamp_host: torch.Tensor | None = None
+    stamp_ready: Any = None
 
 
 class GossipEngine:
@@ -166,7 +177,7 @@ class GossipEngine:
             peer = group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1]
             ops = []
             if self.check_rounds:
-                rnd.stamp_out = torch.tensor([round_, numel], dtype=torch.int64, device=device)
+                rnd.stamp_out = _stamp([round_, numel], device)
                 rnd.stamp = torch.empty_like(rnd.stamp_out)
                 ops += [dist.P2POp(dist.isend, rnd.stamp_out, peer, tag=self.tag_base),
                         dist.P2POp(dist.irecv, rnd.stamp, peer, tag=self.tag_base)]
@@ -179,7 +190,7 @@ class GossipEngine:
         else:
             pg = self._process_groups[group.ranks]
             if self.check_rounds:
-                rnd.stamp = torch.tensor([round_, -round_, numel, -numel], dtype=torch.int64, device=device)
+                rnd.stamp = _stamp([round_, -round_, numel, -numel], device)
                 rnd.works.append(dist.all_reduce(rnd.stamp, op=dist.ReduceOp.MAX, group=pg, async_op=True))
             for i in active:
                 buf = self._buffer(i)
@@ -214,14 +225,24 @@ class GossipEngine:
                 ) from exc
         rnd.works = []
         if rnd.stamp is not None:
-            if rnd.stamp.is_cuda:  # reading it now would stall the host; check at the next wait instead
+            if rnd.stamp.is_cuda:
+                # Reading it now would make the host wait for the GPU; copy it out without blocking and
+                # check it at the next wait, by when the copy has long landed.
+                rnd.stamp_host = torch.empty(rnd.stamp.shape, dtype=rnd.stamp.dtype, pin_memory=True)
+                rnd.stamp_host.copy_(rnd.stamp, non_blocking=True)
+                rnd.stamp_ready = torch.cuda.Event()
+                rnd.stamp_ready.record()
                 self._unchecked = rnd
             else:
                 self._check_stamp(rnd)
 
     def _check_stamp(self, rnd: _Round) -> None:
         assert rnd.stamp is not None
-        values = rnd.stamp.tolist()
+        if rnd.stamp_ready is not None:
+            rnd.stamp_ready.synchronize()
+            values = rnd.stamp_host.tolist()  # type: ignore[union-attr]
+        else:
+            values = rnd.stamp.tolist()
         numel = sum(self.buckets[i].flat.numel() for i in rnd.buckets)
         if rnd.stamp_out is not None:  # a pair: the peer's round number and size
             peer = [r for r in rnd.group.ranks if r != self.rank][0]

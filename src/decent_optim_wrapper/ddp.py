@@ -88,7 +88,10 @@ class DecentralizedDataParallel(nn.Module):
         self._optimizers: list[DecentOptimWrapper] = []
         self._schedulers: list[Any] = []
         for chunk in chunks:
-            wrapper = DecentOptimWrapper(optim_fn(chunk), local_world_size=local_world_size, topology=topology,
+            inner = optim_fn(chunk)
+            if not isinstance(inner, Optimizer):
+                raise ValueError(f"Invalid optim_fn: it returned {type(inner).__name__}, not a torch.optim.Optimizer.")
+            wrapper = DecentOptimWrapper(inner, local_world_size=local_world_size, topology=topology,
                                          bucket_cap_mb=float("inf"), timeout=timeout)
             # Buckets exchange with the same peers at nearly the same time: keep their messages apart.
             wrapper._engine.tag_base = len(self._optimizers) * _TAGS_PER_BUCKET
