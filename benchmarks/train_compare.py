@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from decent_optim_wrapper import DecentOptimWrapper
-from decent_optim_wrapper.launch import _CTX, run_local
+from decent_optim_wrapper.launch import run_local, shared_counter
 
 METHODS = ["ddp", "ring", "one-peer-exp", "complete", "local"]
 
@@ -151,7 +151,7 @@ def _worker(rank: int, world_size: int, method: str, cfg: dict[str, Any], progre
 
 def run_method(method: str, workers: int, cfg: dict[str, Any], bar: Any) -> list[dict[str, Any]]:
     backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= workers else "gloo"
-    progress = _CTX.Value("i", 0)
+    progress = shared_counter()
     box: dict[str, Any] = {}
 
     def target() -> None:

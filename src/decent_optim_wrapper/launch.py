@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["RankFailure", "run_local"]
+__all__ = ["RankFailure", "run_local", "shared_counter"]
 
 _CTX = mp.get_context("forkserver")
 # torch.optim.Optimizer.__init__ imports torch._dynamo on first use: seconds per process, so preload it too.
@@ -28,6 +28,12 @@ _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "decent_optim_wrapper
 
 class RankFailure(AssertionError):
     """Raised when a rank failed; carries every failing rank's traceback."""
+
+
+def shared_counter() -> Any:
+    """An integer in shared memory that ranks started by :func:`run_local` can update (pass it in ``args``),
+    e.g. to drive a progress bar in the launching process: ``with c.get_lock(): c.value += 1``."""
+    return _CTX.Value("i", 0)
 
 
 def _worker(fn: Callable[..., Any], rank: int, world_size: int, store_path: str, results: Any,
