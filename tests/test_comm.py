@@ -189,3 +189,33 @@ def test_a_hung_peer_times_out_with_a_clear_error() -> None:
     assert results[1] == "slept"
     assert "did not complete within 2 s" in str(results[0])
     assert time.monotonic() - t0 < 30
+
+
+def _two_gossip_groups(rank: int, world_size: int, topology: str) -> tuple:
+    import torch.distributed as dist
+
+    groups = [dist.new_group([0, 2, 4]), dist.new_group([1, 3, 5])]  # every rank creates both
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = DecentOptimWrapper(torch.optim.SGD([p], lr=0.0), topology=topology, process_group=groups[rank % 2])
+    with torch.no_grad():
+        p.fill_(float(rank))
+    seen = []
+    for _ in range(4):
+        opt.step()
+        seen.append(p[0].item())
+    opt.global_avg()
+    return opt.rank, opt.world_size, seen, p[0].item()
+
+
+def test_independent_gossip_groups_side_by_side() -> None:
+    ring = run_ranks(_two_gossip_groups, 6, "ring")
+    # each group of 3 runs the odd ring: local pairs (0,1), then (1,2), then (0,2); values are global ranks
+    expected = {0: [0, 1, 1, 1.75], 2: [2, 1, 2.5, 2.5], 4: [4, 4, 2.5, 1.75],
+                1: [1, 2, 2, 2.75], 3: [3, 2, 3.5, 3.5], 5: [5, 5, 3.5, 2.75]}
+    for g, (rank, ws, seen, avg) in enumerate(ring):
+        assert (rank, ws) == (g // 2, 3)
+        assert seen == expected[g], g
+        assert avg == pytest.approx(2.0 if g % 2 == 0 else 3.0, abs=1e-6)  # each group's own mean
+    complete = run_ranks(_two_gossip_groups, 6, "complete")
+    for g, (_, _, seen, _) in enumerate(complete):
+        assert seen[1] == pytest.approx(2.0 if g % 2 == 0 else 3.0, abs=1e-6)

@@ -113,3 +113,18 @@ def test_inconsistent_ranks_all_raise_instead_of_hanging(case: str, msg: str) ->
             "Invalid world_size=8" in text and case == "wrong-world" and rank == 0) or (
             "Invalid schedule" in text and case == "invalid-on-one" and rank == 2)
         assert local or msg in text, text
+
+
+def _not_a_member(rank: int, world_size: int) -> object:
+    import torch.distributed as dist
+
+    only_rank0 = dist.new_group([0])
+    try:
+        opt = DecentOptimWrapper(torch.optim.SGD(_params(), lr=0.1), process_group=only_rank0)
+    except ValueError as exc:
+        return str(exc)
+    return opt.world_size
+
+
+def test_process_group_this_rank_is_not_in() -> None:
+    assert run_ranks(_not_a_member, 2) == [1, "Invalid process_group: this process is not one of its members."]

@@ -84,15 +84,19 @@ class GossipEngine:
         pair_mode: ``"p2p"`` (default, measured faster on gloo) or ``"allreduce"`` for 2-rank groups.
         timeout: how long a wait may block before a :class:`GossipError`; ``None`` uses the process
             group's timeout.
+        process_group: the group whose members the schedule's ranks number (default: the world); ranks
+            in the schedule are ranks within this group.
         check_rounds: send the round number along with the data, so ranks that called ``step()`` a
             different number of times are caught instead of mixing with the wrong round's parameters.
     """
 
     def __init__(self, schedule: Schedule, rank: int, buckets: list[Bucket], *, pair_mode: str = "p2p",
-                 timeout: timedelta | None = None, check_rounds: bool = True) -> None:
+                 timeout: timedelta | None = None, check_rounds: bool = True,
+                 process_group: dist.ProcessGroup | None = None) -> None:
         if pair_mode not in ("p2p", "allreduce"):
             raise ValueError(f"Invalid pair_mode={pair_mode!r}. Must be 'p2p' or 'allreduce'.")
         self.pair_mode = pair_mode
+        self.process_group = process_group
         self.schedule = schedule
         self.rank = rank
         self.buckets = buckets
@@ -117,15 +121,22 @@ class GossipEngine:
     def _is_p2p(self, group: Group) -> bool:
         return group.size == 2 and self.pair_mode == "p2p"
 
+    def _global_rank(self, rank: int) -> int:
+        """The default-group rank of ``rank`` of this engine's process group."""
+        if self.process_group is None:
+            return rank
+        return dist.get_global_rank(self.process_group, rank)
+
     def _new_process_group(self, group: Group) -> dist.ProcessGroup | None:
         if group.size == self.schedule.world_size:
-            return None  # the default (world) group
-        key = (dist.distributed_c10d._get_default_group(), group.ranks)
+            return self.process_group  # the whole group (None: the default, world group)
+        ranks = tuple(self._global_rank(r) for r in group.ranks)
+        key = (dist.distributed_c10d._get_default_group(), ranks)
         if key not in _PROCESS_GROUPS:
             # Only the members create it: no O(world_size) group creation on every rank.
-            logger.debug("rank {}: creating process group {}", self.rank, list(group.ranks))
+            logger.debug("rank {}: creating process group {}", self.rank, list(ranks))
             _PROCESS_GROUPS[key] = cast(dist.ProcessGroup,
-                                        dist.new_group(list(group.ranks), use_local_synchronization=True))
+                                        dist.new_group(list(ranks), use_local_synchronization=True))
         return _PROCESS_GROUPS[key]
 
     def __del__(self) -> None:
@@ -174,17 +185,18 @@ class GossipEngine:
         numel = sum(self.buckets[i].flat.numel() for i in active)
         self.rounds_launched += 1
         if self._is_p2p(group):
-            peer = group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1]
+            peer = self._global_rank(group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1])
+            pg = self.process_group
             ops = []
             if self.check_rounds:
                 rnd.stamp_out = _stamp([round_, numel], device)
                 rnd.stamp = torch.empty_like(rnd.stamp_out)
-                ops += [dist.P2POp(dist.isend, rnd.stamp_out, peer, tag=self.tag_base),
-                        dist.P2POp(dist.irecv, rnd.stamp, peer, tag=self.tag_base)]
+                ops += [dist.P2POp(dist.isend, rnd.stamp_out, peer, pg, tag=self.tag_base),
+                        dist.P2POp(dist.irecv, rnd.stamp, peer, pg, tag=self.tag_base)]
             for i in active:
                 # The bucket is sent as it is: nothing writes it before the next step() waits for the send.
-                ops.append(dist.P2POp(dist.isend, self.buckets[i].flat, peer, tag=self.tag_base + i + 1))
-                ops.append(dist.P2POp(dist.irecv, self._buffer(i), peer, tag=self.tag_base + i + 1))
+                ops.append(dist.P2POp(dist.isend, self.buckets[i].flat, peer, pg, tag=self.tag_base + i + 1))
+                ops.append(dist.P2POp(dist.irecv, self._buffer(i), peer, pg, tag=self.tag_base + i + 1))
             rnd.works = dist.batch_isend_irecv(ops)
             self.elements_sent += numel
         else:
@@ -308,7 +320,7 @@ class GossipEngine:
         works = []
         for t in tensors:
             t.mul_(1.0 / n)  # scale first, as the rounds do: x/n summed, never a sum that could overflow
-            works.append(dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True))
+            works.append(dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True))
         for w in works:
             try:
                 w.wait() if self.timeout is None else w.wait(self.timeout)

@@ -45,12 +45,14 @@ class DecentralizedDataParallel(nn.Module):
         bucket_size_in_mb: target bucket size.
         local_world_size: ranks per node for hierarchical topologies; default ``LOCAL_WORLD_SIZE`` or 1.
         timeout: seconds a bucket's averaging may wait for its peers (see ``DecentOptimWrapper``).
+        process_group: gossip among this group's members only (default: the world).
     """
 
     def __init__(self, model: nn.Module, optim_fn: OPTIM_FN_TYPE, lr_scheduler_fn: LR_SCHEDULER_FN_TYPE | None = None,
                  topology: str = "complete", scaler: torch.amp.GradScaler | None = None, grad_clip_norm: float = 0.0,
                  sync_buffer_in_global_avg: bool = False, bucket_size_in_mb: float = 25,
-                 local_world_size: int | None = None, timeout: float | None = None) -> None:
+                 local_world_size: int | None = None, timeout: float | None = None,
+                 process_group: torch.distributed.ProcessGroup | None = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model of type {type(model).__name__}. Must be a torch.nn.Module.")
@@ -92,7 +94,7 @@ class DecentralizedDataParallel(nn.Module):
             if not isinstance(inner, Optimizer):
                 raise ValueError(f"Invalid optim_fn: it returned {type(inner).__name__}, not a torch.optim.Optimizer.")
             wrapper = DecentOptimWrapper(inner, local_world_size=local_world_size, topology=topology,
-                                         bucket_cap_mb=float("inf"), timeout=timeout)
+                                         bucket_cap_mb=float("inf"), timeout=timeout, process_group=process_group)
             # Buckets exchange with the same peers at nearly the same time: keep their messages apart.
             wrapper._engine.tag_base = len(self._optimizers) * _TAGS_PER_BUCKET
             self._optimizers.append(wrapper)

@@ -48,6 +48,9 @@ class DecentOptimWrapper(Optimizer):
         check_rounds: send each round's number with its data so that ranks calling ``step()`` a different
             number of times raise ``GossipError`` instead of averaging with the wrong round (on CUDA the
             check reports one round later, to keep the host from waiting on the GPU).
+        process_group: gossip among the members of this group only (ranks and world size are then those
+            within the group, as ``torch.distributed`` numbers them); default the world. Several groups
+            can train side by side, e.g. one per model-parallel shard.
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class DecentOptimWrapper(Optimizer):
         *,
         timeout: float | timedelta | None = None,
         check_rounds: bool = True,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise ValueError(f"Invalid optimizer of type {type(optimizer).__name__}. Must be a torch.optim.Optimizer.")
@@ -69,7 +73,8 @@ class DecentOptimWrapper(Optimizer):
         timeout_td = _as_timedelta(timeout)
         self._init_optimizer_hooks()
         self._optimizer = optimizer
-        self._rank, self._world_size, error = _resolve_rank_and_world_size(rank, world_size)
+        self._pg = process_group
+        self._rank, self._world_size, error = _resolve_rank_and_world_size(rank, world_size, process_group)
         self._local_world_size = _resolve_local_world_size(local_world_size)
         self._round = 0
         self._backup: tuple[list[torch.Tensor], Any, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
@@ -98,9 +103,9 @@ class DecentOptimWrapper(Optimizer):
         if self._world_size > 1:
             with torch.no_grad():
                 for b in self._buckets:
-                    dist.broadcast(b.flat, src=0)
+                    dist.broadcast(b.flat, src=self._global_rank(0), group=self._pg)
         self._engine = GossipEngine(schedule, self._rank, self._buckets, timeout=timeout_td,
-                                    check_rounds=bool(check_rounds))
+                                    check_rounds=bool(check_rounds), process_group=self._pg)
         logger.debug(
             "rank {}/{}: topology {} with period {}, {} bucket(s)",
             self._rank, self._world_size, self.topology.name, schedule.period, len(self._buckets),
@@ -175,6 +180,9 @@ class DecentOptimWrapper(Optimizer):
     @property
     def buckets(self) -> list[Bucket]:
         return self._buckets
+
+    def _global_rank(self, rank: int) -> int:
+        return rank if self._pg is None else dist.get_global_rank(self._pg, rank)
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self._optimizer.param_groups for p in g["params"]]
@@ -276,7 +284,7 @@ class DecentOptimWrapper(Optimizer):
                 raise
             with torch.no_grad():
                 for b in buckets:
-                    dist.broadcast(b.flat, src=0)
+                    dist.broadcast(b.flat, src=self._global_rank(0), group=self._pg)
         elif error is not None:
             raise ValueError(error)
         self._engine.add_buckets(buckets)  # the engine's list is self._buckets: one list, extended once
@@ -397,11 +405,11 @@ class DecentOptimWrapper(Optimizer):
         if self._world_size > 1:
             digest = zlib.crc32("\x00".join(keys).encode())
             check = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
-            dist.all_reduce(check, op=dist.ReduceOp.MAX)
+            dist.all_reduce(check, op=dist.ReduceOp.MAX, group=self._pg)
             if check[0].item() != digest or -check[1].item() != digest:
                 raise ValueError("reduce_metrics: the ranks passed different metric names; pass the same keys "
                                  "on every rank.")
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self._pg)
         out = dict(zip(keys, values.unbind()))
         if callable(pre) and callable(post):
             return post(out)
@@ -469,7 +477,7 @@ class DecentOptimWrapper(Optimizer):
         """Check that all ranks are consistent; every rank raises the same ValueError if they are not."""
         mine = (error, schedule_digest, layout_digest(self._buckets if buckets is None else buckets))
         everyone: list[Any] = [None] * self._world_size
-        dist.all_gather_object(everyone, mine)
+        dist.all_gather_object(everyone, mine, group=self._pg)
         if error is not None:
             raise ValueError(error)
         failed = [(r, e[0]) for r, e in enumerate(everyone) if e[0] is not None]
@@ -489,13 +497,24 @@ class DecentOptimWrapper(Optimizer):
             )
 
 
-def _resolve_rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int, str | None]:
+def _resolve_rank_and_world_size(rank: int | None, world_size: int | None,
+                                 process_group: dist.ProcessGroup | None = None) -> tuple[int, int, str | None]:
     """The actual (rank, world_size), and an error to share with the other ranks if the arguments disagree."""
     for name, value in (("rank", rank), ("world_size", world_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"Invalid {name}={value!r}. Must be an int or None.")
+    if process_group is not None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("Invalid process_group: torch.distributed is not initialised.")
+        # new_group() hands non-members a marker instead of a group
+        if process_group is dist.GroupMember.NON_GROUP_MEMBER or (
+                isinstance(process_group, dist.ProcessGroup) and dist.get_rank(process_group) < 0):
+            raise ValueError("Invalid process_group: this process is not one of its members.")
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise ValueError(f"Invalid process_group of type {type(process_group).__name__}. Must be a "
+                             "torch.distributed ProcessGroup.")
     if dist.is_available() and dist.is_initialized():
-        actual_rank, actual_ws = dist.get_rank(), dist.get_world_size()
+        actual_rank, actual_ws = dist.get_rank(process_group), dist.get_world_size(process_group)
         error = None
         if world_size is not None and world_size != actual_ws:
             error = f"Invalid world_size={world_size}: the process group has {actual_ws} ranks."
