@@ -8,13 +8,12 @@ Run on 4 CPU workers (gloo)::
 from __future__ import annotations
 
 import argparse
-import os
 from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from train_digits import accuracy, load_data
+from train_digits import accuracy, init_and_shard
 
 from decent_optim_wrapper import DecentralizedDataParallel
 from decent_optim_wrapper.optim import lr_scheduler_fn_cosine_with_warmup, optim_fn_adamw
@@ -27,12 +26,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    x_train, y_train, x_test, y_test = load_data()
-    x_shard, y_shard = x_train[rank::world_size], y_train[rank::world_size]
+    rank, world_size, x_shard, y_shard, x_test, y_test = init_and_shard()
     steps = args.epochs * (len(x_shard) // args.batch_size)
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))

@@ -32,6 +32,16 @@ def load_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
     return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
 
 
+def init_and_shard() -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Join the torchrun job over gloo; return (rank, world_size, shard x, shard y, test x, test y)."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    x_train, y_train, x_test, y_test = load_data()
+    return rank, world_size, x_train[rank::world_size], y_train[rank::world_size], x_test, y_test
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (model(x).argmax(1) == y).float().mean().item()
@@ -45,13 +55,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     args = parser.parse_args()
 
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-
-    x_train, y_train, x_test, y_test = load_data()
-    x_shard, y_shard = x_train[rank::world_size], y_train[rank::world_size]
+    rank, world_size, x_shard, y_shard, x_test, y_test = init_and_shard()
 
     torch.manual_seed(rank)  # different initialisations on purpose: the wrapper starts everyone from rank 0's
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
