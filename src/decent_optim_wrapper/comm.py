@@ -29,7 +29,7 @@ from loguru import logger
 from .buckets import Bucket
 from .topo import Group, Schedule
 
-__all__ = ["GossipEngine", "GossipError"]
+__all__ = ["GossipEngine", "GossipError", "global_rank"]
 
 # Rounds still in flight when their engine was garbage-collected. gloo breaks the exchange for every later
 # send and receive if an in-flight point-to-point Work is destroyed, so such Works (and the tensors they
@@ -40,6 +40,11 @@ _ORPHANS: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
 # Process groups by (default group, ranks): every engine in the process (one per DecentOptimWrapper, one
 # per DecentralizedDataParallel bucket) shares them, so a set of ranks gets exactly one group.
 _PROCESS_GROUPS: dict[tuple[Any, tuple[int, ...]], dist.ProcessGroup] = {}
+
+
+def global_rank(process_group: dist.ProcessGroup | None, rank: int) -> int:
+    """The default-group rank of ``rank`` of ``process_group`` (``None``: the default group itself)."""
+    return rank if process_group is None else dist.get_global_rank(process_group, rank)
 
 
 def _stamp(values: list[int], device: torch.device) -> torch.Tensor:
@@ -65,6 +70,7 @@ class _Round:
     index: int
     group: Group
     buckets: list[int]  # indices of the buckets this round averages
+    numel: int  # elements in those buckets, checked against the peers'
     works: list[dist.Work] = field(default_factory=list)
     # Round numbers exchanged with the data: the peer's (pairs) or [max, -min] over the group.
     stamp: torch.Tensor | None = None
@@ -121,16 +127,10 @@ class GossipEngine:
     def _is_p2p(self, group: Group) -> bool:
         return group.size == 2 and self.pair_mode == "p2p"
 
-    def _global_rank(self, rank: int) -> int:
-        """The default-group rank of ``rank`` of this engine's process group."""
-        if self.process_group is None:
-            return rank
-        return dist.get_global_rank(self.process_group, rank)
-
     def _new_process_group(self, group: Group) -> dist.ProcessGroup | None:
         if group.size == self.schedule.world_size:
             return self.process_group  # the whole group (None: the default, world group)
-        ranks = tuple(self._global_rank(r) for r in group.ranks)
+        ranks = tuple(global_rank(self.process_group, r) for r in group.ranks)
         key = (dist.distributed_c10d._get_default_group(), ranks)
         if key not in _PROCESS_GROUPS:
             # Only the members create it: no O(world_size) group creation on every rank.
@@ -179,13 +179,13 @@ class GossipEngine:
         active = self.active()
         if group.size == 1 or not active:
             return
-        rnd = _Round(round_, group, active)
-        device = self.buckets[0].flat.device
         # The stamp: this round's number and how many elements this rank averages, checked against the peers'.
         numel = sum(self.buckets[i].flat.numel() for i in active)
+        rnd = _Round(round_, group, active, numel)
+        device = self.buckets[0].flat.device
         self.rounds_launched += 1
         if self._is_p2p(group):
-            peer = self._global_rank(group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1])
+            peer = global_rank(self.process_group, group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1])
             pg = self.process_group
             ops = []
             if self.check_rounds:
@@ -222,10 +222,7 @@ class GossipEngine:
             return
         for w in rnd.works:
             try:
-                if self.timeout is None:
-                    w.wait()
-                else:
-                    w.wait(self.timeout)
+                self._wait(w)
             except RuntimeError as exc:
                 self._pending = None
                 within = f" within {self.timeout.total_seconds():g} s" if self.timeout is not None else ""
@@ -248,6 +245,12 @@ class GossipEngine:
             else:
                 self._check_stamp(rnd)
 
+    def _wait(self, work: dist.Work) -> None:
+        if self.timeout is None:
+            work.wait()
+        else:
+            work.wait(self.timeout)
+
     def _check_stamp(self, rnd: _Round) -> None:
         assert rnd.stamp is not None
         if rnd.stamp_ready is not None:
@@ -255,36 +258,27 @@ class GossipEngine:
             values = rnd.stamp_host.tolist()  # type: ignore[union-attr]
         else:
             values = rnd.stamp.tolist()
-        numel = sum(self.buckets[i].flat.numel() for i in rnd.buckets)
+        numel = rnd.numel
+        again = "Every rank must call step() the same number of times and resume from the same step."
+        trainable = "the ranks disagree on which parameters are trainable (requires_grad)."
+        problem = None
         if rnd.stamp_out is not None:  # a pair: the peer's round number and size
             peer = [r for r in rnd.group.ranks if r != self.rank][0]
             if values[0] != rnd.index:
-                self._pending = None
-                raise GossipError(
-                    f"rank {self.rank} is out of step: at its round {rnd.index} it averaged with rank {peer}, "
-                    f"which was at round {values[0]}. Every rank must call step() the same number of times and "
-                    "resume from the same step."
-                )
-            if values[1] != numel:
-                self._pending = None
-                raise GossipError(
-                    f"rank {self.rank} averaged {numel} elements in round {rnd.index} but rank {peer} averaged "
-                    f"{values[1]}: the ranks disagree on which parameters are trainable (requires_grad)."
-                )
+                problem = (f"rank {self.rank} is out of step: at its round {rnd.index} it averaged with rank {peer}, "
+                           f"which was at round {values[0]}. {again}")
+            elif values[1] != numel:
+                problem = (f"rank {self.rank} averaged {numel} elements in round {rnd.index} but rank {peer} "
+                           f"averaged {values[1]}: {trainable}")
         elif values[0] != rnd.index or -values[1] != rnd.index:
-            self._pending = None
-            raise GossipError(
-                f"rank {self.rank} is out of step: in its round {rnd.index} the group {list(rnd.group.ranks)} "
-                f"was at rounds {-values[1]} to {values[0]}. Every rank must call step() the same number of times "
-                "and resume from the same step."
-            )
+            problem = (f"rank {self.rank} is out of step: in its round {rnd.index} the group "
+                       f"{list(rnd.group.ranks)} was at rounds {-values[1]} to {values[0]}. {again}")
         elif values[2] != numel or -values[3] != numel:
+            problem = (f"rank {self.rank}: in round {rnd.index} the group {list(rnd.group.ranks)} averaged between "
+                       f"{-values[3]} and {values[2]} elements, this rank {numel}: {trainable}")
+        if problem is not None:
             self._pending = None
-            raise GossipError(
-                f"rank {self.rank}: in round {rnd.index} the group {list(rnd.group.ranks)} averaged between "
-                f"{-values[3]} and {values[2]} elements, this rank {numel}: the ranks disagree on which parameters "
-                "are trainable (requires_grad)."
-            )
+            raise GossipError(problem)
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -323,6 +317,6 @@ class GossipEngine:
             works.append(dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True))
         for w in works:
             try:
-                w.wait() if self.timeout is None else w.wait(self.timeout)
+                self._wait(w)
             except RuntimeError as exc:
                 raise GossipError(f"rank {self.rank}: global averaging did not complete. Cause: {exc}") from exc

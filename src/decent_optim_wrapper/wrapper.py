@@ -16,7 +16,7 @@ from loguru import logger
 from torch.optim import Optimizer
 
 from .buckets import Bucket, build_buckets, layout_digest
-from .comm import GossipEngine
+from .comm import GossipEngine, global_rank
 from .reinit import build_lr_scheduler, build_optimizer, validate_lr_scheduler_config
 from .topo import Schedule, Topology, TopologyFactory
 
@@ -101,9 +101,7 @@ class DecentOptimWrapper(Optimizer):
         self._schedule = schedule
 
         if self._world_size > 1:
-            with torch.no_grad():
-                for b in self._buckets:
-                    dist.broadcast(b.flat, src=self._global_rank(0), group=self._pg)
+            self._broadcast_from_rank0(self._buckets)
         self._engine = GossipEngine(schedule, self._rank, self._buckets, timeout=timeout_td,
                                     check_rounds=bool(check_rounds), process_group=self._pg)
         logger.debug(
@@ -181,8 +179,15 @@ class DecentOptimWrapper(Optimizer):
     def buckets(self) -> list[Bucket]:
         return self._buckets
 
-    def _global_rank(self, rank: int) -> int:
-        return rank if self._pg is None else dist.get_global_rank(self._pg, rank)
+    @torch.no_grad()
+    def _broadcast_from_rank0(self, buckets: list[Bucket]) -> None:
+        """Give every rank the first rank's values (rank 0 of the process group)."""
+        for b in buckets:
+            dist.broadcast(b.flat, src=global_rank(self._pg, 0), group=self._pg)
+
+    def _bucketed(self) -> set[int]:
+        """Identities of the parameters already in buckets."""
+        return {id(p) for b in self._buckets for p in b.params}
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self._optimizer.param_groups for p in g["params"]]
@@ -273,7 +278,7 @@ class DecentOptimWrapper(Optimizer):
             self._optimizer.add_param_group(param_group)
         except (ValueError, TypeError) as exc:
             error = f"add_param_group failed: {exc}"
-        known = {id(p) for b in self._buckets for p in b.params}
+        known = self._bucketed()
         new = [p for p in self._optimizer.param_groups[-1]["params"] if id(p) not in known] if error is None else []
         buckets = build_buckets(new, self._bucket_cap_mb)
         if self._world_size > 1:
@@ -282,9 +287,7 @@ class DecentOptimWrapper(Optimizer):
             except ValueError:
                 del self._optimizer.param_groups[n_groups:]  # leave the optimizer as it was
                 raise
-            with torch.no_grad():
-                for b in buckets:
-                    dist.broadcast(b.flat, src=self._global_rank(0), group=self._pg)
+            self._broadcast_from_rank0(buckets)
         elif error is not None:
             raise ValueError(error)
         self._engine.add_buckets(buckets)  # the engine's list is self._buckets: one list, extended once
@@ -307,7 +310,7 @@ class DecentOptimWrapper(Optimizer):
         if isinstance(optimizer, Optimizer):
             if isinstance(optimizer, DecentOptimWrapper):
                 raise ValueError("Invalid optimizer: pass the inner optimizer, not a DecentOptimWrapper.")
-            known = {id(p) for b in self._buckets for p in b.params}
+            known = self._bucketed()
             foreign = sum(1 for g in optimizer.param_groups for p in g["params"] if id(p) not in known)
             if foreign:
                 raise ValueError(f"Invalid optimizer: {foreign} of its parameters are not wrapped here; "
