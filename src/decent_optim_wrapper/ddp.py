@@ -110,8 +110,7 @@ class DecentralizedDataParallel(nn.Module):
 
     # ------------------------------------------------------------------ the module
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._iteration_open:
-            self._finish_iteration()  # buckets whose parameters got no gradient still take their round
+        self._flush()  # buckets whose parameters got no gradient still take their round
         return self.module(*args, **kwargs)
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
@@ -165,6 +164,11 @@ class DecentralizedDataParallel(nn.Module):
         self._stepped = [False] * len(self._stepped)
         self._iteration_open = False
 
+    def _flush(self) -> None:
+        """Step the buckets an open iteration has not stepped yet."""
+        if self._iteration_open:
+            self._finish_iteration()
+
     def _finish_iteration(self) -> None:
         for i, done in enumerate(self._stepped):
             if not done:
@@ -177,8 +181,7 @@ class DecentralizedDataParallel(nn.Module):
         Turning it off after gradients were accumulated performs the update right away, once, with the
         accumulated gradients (and one averaging round).
         """
-        if self._iteration_open:
-            self._finish_iteration()
+        self._flush()
         self._accumulating = enable
         if not enable and self._accumulated:
             self._accumulated = False
@@ -189,9 +192,6 @@ class DecentralizedDataParallel(nn.Module):
         self.module.zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ evaluation, export, metrics
-    def _flush(self) -> None:
-        if self._iteration_open:
-            self._finish_iteration()
 
     def global_avg(self, will_revert: bool = True) -> None:
         """Replace every worker's parameters (and buffers, if ``sync_buffer_in_global_avg``) by the mean."""
