@@ -15,7 +15,8 @@ import time
 import torch
 
 from decent_optim_wrapper.buckets import build_buckets
-from decent_optim_wrapper.comm import GossipEngine
+from decent_optim_wrapper.comm import ProcessGroups
+from decent_optim_wrapper.gossip import Gossip
 from decent_optim_wrapper.launch import run_local
 from decent_optim_wrapper.topo import Group, Schedule
 
@@ -27,15 +28,15 @@ def _time_rounds(rank: int, world_size: int, numel: int, repeats: int) -> dict[s
     out = {}
     modes = [("p2p", True), ("allreduce", True), ("p2p", False)]
     for mode, check in modes + modes:  # twice each, interleaved; keep the second
-        engine = GossipEngine(schedule, rank, buckets, pair_mode=mode, check_rounds=check)
-        for t in range(3):  # warm-up
-            engine.launch(t)
-            engine.finish()
+        gossip = Gossip(schedule, rank, buckets, ProcessGroups(None), pair_transport=mode, check_rounds=check)
+        for _ in range(3):  # warm-up
+            gossip.launch()
+            gossip.apply()
         torch.distributed.barrier()
         t0 = time.perf_counter()
-        for t in range(repeats):
-            engine.launch(t)
-            engine.finish()
+        for _ in range(repeats):
+            gossip.launch()
+            gossip.apply()
         out[mode + ("" if check else "-unchecked")] = (time.perf_counter() - t0) / repeats
     return out
 

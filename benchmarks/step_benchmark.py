@@ -89,7 +89,7 @@ def _timed_training(rank: int, world_size: int, method: str, width: int, warmup:
             step_t.append(t2 - t1)
     if isinstance(opt, DecentOptimWrapper):
         opt.global_avg(may_revert=False)  # drain the last round
-        extra = sum(b.numel() * b.element_size() for b in opt._engine.buffers if b is not None)
+        extra = opt.gossip.buffer_bytes()
     else:
         extra = param_bytes if method == "ddp" else 0  # DDP copies gradients into buckets of their size
     dist.barrier()

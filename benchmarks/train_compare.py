@@ -129,8 +129,8 @@ def _worker(rank: int, world_size: int, method: str, cfg: dict[str, Any], progre
     local_acc = accuracy(inner_model, x_test, y_test)
     if isinstance(opt, DecentOptimWrapper):
         opt.global_avg(may_revert=False)
-        sent = opt._engine.elements_sent * 4 / cfg["steps"]
-        extra = sum(b.numel() * b.element_size() for b in opt._engine.buffers if b is not None)
+        sent = opt.comm_stats.bytes_sent / cfg["steps"]
+        extra = opt.gossip.buffer_bytes()
     else:
         with torch.no_grad():
             for p in inner_model.parameters():  # the same global average, for evaluation

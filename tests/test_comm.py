@@ -12,7 +12,8 @@ from harness import RankFailure, run_ranks
 from decent_optim_wrapper import DecentOptimWrapper
 from decent_optim_wrapper.analysis import mixing_matrix
 from decent_optim_wrapper.buckets import build_buckets
-from decent_optim_wrapper.comm import GossipEngine, GossipError
+from decent_optim_wrapper.comm import GossipError, ProcessGroups
+from decent_optim_wrapper.gossip import Gossip
 from decent_optim_wrapper.topo import Group, Schedule, TopologyFactory
 
 LOCAL = {3: 1, 4: 2, 6: 2, 8: 4}  # local_world_size used for alternating-exp-ring
@@ -67,36 +68,40 @@ def test_every_topology_mixes_by_its_own_matrices(world_size: int) -> None:
             torch.testing.assert_close(x, torch.full_like(x, (world_size - 1) / 2), rtol=0, atol=1e-12)
 
 
-def _weighted_rounds(rank: int, world_size: int, pair_mode: str) -> list[float]:
+def _weighted_rounds(rank: int, world_size: int, pair_transport: str) -> list[float]:
     # pairs keep 3/4 of themselves; then a group of three keeps 1/2 and takes 1/4 from each other member
     schedule = Schedule(4, [[Group((0, 1), 0.75), Group((2, 3), 0.75)], [Group((0, 1, 2), 0.5), Group((3,))]])
     p = torch.nn.Parameter(torch.full((5,), 4.0 * rank))
-    engine = GossipEngine(schedule, rank, build_buckets([p], 1.0), pair_mode=pair_mode)
+    gossip = Gossip(schedule, rank, build_buckets([p], 1.0), ProcessGroups(None), pair_transport=pair_transport)
     seen = []
-    for t in range(2):
-        engine.launch(t)
-        engine.finish()
+    for _ in range(2):
+        gossip.launch()
+        gossip.apply()
         seen.append(p[0].item())
     return seen
 
 
-@pytest.mark.parametrize("pair_mode", ["p2p", "allreduce"])
-def test_weighted_groups_exact_values(pair_mode: str) -> None:
-    results = run_ranks(_weighted_rounds, 4, pair_mode)
+@pytest.mark.parametrize("pair_transport", ["p2p", "allreduce"])
+def test_weighted_groups_exact_values(pair_transport: str) -> None:
+    results = run_ranks(_weighted_rounds, 4, pair_transport)
     # x = [0, 4, 8, 12] -> pairs at 3/4: [1, 3, 9, 11] -> (0,1,2) at 1/2, 1/4, 1/4: [3.5, 4, 5.5], 11
     assert [r[0] for r in results] == [1.0, 3.0, 9.0, 11.0]
     assert [r[1] for r in results] == [3.5, 4.0, 5.5, 11.0]
 
 
-def _process_groups_created(rank: int, world_size: int) -> int:
-    opt = DecentOptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
-                             topology="alternating-exp-ring", local_world_size=4)
-    return len(opt._engine._process_groups)
+def _process_groups_created(rank: int, world_size: int) -> list:
+    DecentOptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
+                       topology="alternating-exp-ring", local_world_size=4)
+    return sorted((kind, list(ranks)) for (_, ranks, kind, _), pg in ProcessGroups._cache.items()
+                  if pg is not torch.distributed.GroupMember.NON_GROUP_MEMBER)
 
 
 def test_each_rank_creates_only_its_own_groups() -> None:
-    # 8 ranks, 2 nodes of 4: a rank needs its node's group and nothing else (pairs go point to point)
-    assert run_ranks(_process_groups_created, 8) == [1] * 8
+    # 8 ranks, 2 nodes of 4: a rank needs its node's data group and its gloo twin, and the world's control
+    # group; pairs go point to point on the world group
+    for rank, created in enumerate(run_ranks(_process_groups_created, 8)):
+        node = list(range(4)) if rank < 4 else list(range(4, 8))
+        assert created == sorted([("control", node), ("control", list(range(8))), ("data", node)])
 
 
 def _killed_peer(rank: int, world_size: int, timeout: float) -> float:
@@ -167,7 +172,7 @@ def test_ranks_at_different_rounds_are_reported_not_mixed() -> None:
     results = run_ranks(_resumed_at_another_round, 4, timeout=90, allow_failure=True, pg_timeout_s=120)
     assert all(isinstance(r, RankFailure) for r in results), "mismatched rounds must not train on"
     # the in-flight round of the loaded checkpoint (5) is replayed first, against round 1 of rank 3
-    assert "rank 0 is out of step: at its round 5 it averaged with rank 3, which was at round 1" in str(results[0])
+    assert "out of step: at its round 5 this rank averaged with rank 3, which was at round 1" in str(results[0])
 
 
 def _hung_peer(rank: int, world_size: int) -> str:

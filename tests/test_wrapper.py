@@ -263,16 +263,16 @@ def test_global_avg_is_the_exact_mean_and_revert_restores() -> None:
 def test_global_avg_backup_exists_only_between_avg_and_revert() -> None:
     m = _mlp()
     opt = DecentOptimWrapper(torch.optim.SGD(m.parameters(), lr=0.1))
-    assert opt._backup is None
+    assert not opt.gossip.held
     opt.global_avg()
-    assert opt._backup is not None
+    assert opt.gossip.held
     opt.revert_global_avg()
-    assert opt._backup is None
+    assert not opt.gossip.held
     opt.global_avg()
     _train(m, opt, 1, seed=0)  # a step without revert commits to the average and frees the copy
-    assert opt._backup is None
+    assert not opt.gossip.held
     opt.global_avg(may_revert=False)
-    assert opt._backup is None
+    assert not opt.gossip.held
 
 
 def _scheduler_run(rank: int, world_size: int, on_inner: bool) -> list[float]:

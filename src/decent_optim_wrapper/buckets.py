@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from loguru import logger
 
-__all__ = ["Bucket", "build_buckets", "layout_digest"]
+__all__ = ["Bucket", "build_buckets", "layout_digest", "describe_params", "check_views", "check_bucket_cap",
+           "check_params"]
 
 # Every parameter starts on a 128-byte boundary inside its bucket, so vectorised kernels and the
 # communication library see aligned data; the padding stays zero and averages to zero.
@@ -30,6 +31,8 @@ class Bucket:
     offsets: list[int] = field(default_factory=list)
     # Holds only parameters with requires_grad=False: not communicated until one of them is thawed.
     frozen: bool = False
+    # Each parameter's data pointer as bucketed: a parameter whose pointer changed left its bucket.
+    pointers: list[int] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -41,6 +44,18 @@ def _aligned(numel: int, element_size: int) -> int:
     return (numel + step - 1) // step * step
 
 
+def check_bucket_cap(bucket_cap_mb: object, name: str = "bucket_cap_mb") -> None:
+    """``ValueError`` unless ``bucket_cap_mb`` is a number > 0 (``inf``: one bucket per device and dtype)."""
+    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
+        raise ValueError(f"Invalid {name}={bucket_cap_mb!r}. Must be a number > 0.")
+
+
+def check_params(params: Iterable[torch.Tensor]) -> None:
+    """``ValueError`` for the first parameter that cannot be bucketed."""
+    for p in params:
+        _check_param(p)
+
+
 def _check_param(p: torch.Tensor) -> None:
     if not isinstance(p, torch.Tensor):
         raise ValueError(f"Invalid parameter of type {type(p).__name__}; the optimizer must hold tensors.")
@@ -48,6 +63,23 @@ def _check_param(p: torch.Tensor) -> None:
         raise ValueError(f"Invalid parameter with layout {p.layout}; only dense (strided) parameters can be bucketed.")
     if not p.is_leaf:
         raise ValueError("Invalid parameter: it is not a leaf tensor, so it cannot be moved into a bucket.")
+    if p.device.type == "meta":
+        raise ValueError(f"Invalid parameter of shape {tuple(p.shape)} on the meta device: it has no values to "
+                         "average. Materialise the model (e.g. model.to_empty(device=...) and initialise it) "
+                         "before wrapping its optimizer.")
+
+
+def _dense_strides(p: torch.Tensor) -> tuple[int, ...] | None:
+    """``p``'s strides if its elements cover a dense block in some dimension order (channels_last, a transpose),
+    so that its bucket view can keep its memory format; ``None`` for anything else (then: contiguous)."""
+    expected = 1
+    for d in sorted(range(p.dim()), key=lambda d: (p.stride(d), p.size(d))):
+        if p.size(d) == 1:
+            continue
+        if p.stride(d) != expected:
+            return None
+        expected *= p.size(d)
+    return tuple(p.stride())
 
 
 @torch.no_grad()
@@ -58,8 +90,7 @@ def build_buckets(params: Iterable[torch.Tensor], bucket_cap_mb: float) -> list[
     ``Parameter`` objects (and the optimizer state keyed by them) stay the same. A tensor listed twice is
     bucketed once. Order follows first appearance, so every rank with the same model builds the same layout.
     """
-    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
-        raise ValueError(f"Invalid bucket_cap_mb={bucket_cap_mb!r}. Must be a number > 0.")
+    check_bucket_cap(bucket_cap_mb)
     cap_bytes = bucket_cap_mb * 1024 * 1024
 
     # Frozen parameters get buckets of their own, so that they cost no communication while frozen.
@@ -103,11 +134,16 @@ def _make_bucket(chunk: list[torch.Tensor], device: torch.device, dtype: torch.d
     bucket = Bucket(flat, frozen=frozen)
     offset = 0
     for p in chunk:
-        view = flat.narrow(0, offset, p.numel()).view(p.shape)
+        strides = _dense_strides(p) if p.numel() > 0 else None
+        if strides is None:
+            view = flat.narrow(0, offset, p.numel()).view(p.shape)
+        else:  # keep the memory format (channels_last kernels stay fast; strides users rely on stay the same)
+            view = flat.as_strided(p.shape, strides, offset)
         view.copy_(p.data)
         p.data = view
         bucket.params.append(p)
         bucket.offsets.append(offset)
+        bucket.pointers.append(p.data_ptr())
         offset += _aligned(p.numel(), esize)
     return bucket
 
@@ -119,3 +155,24 @@ def layout_digest(buckets: list[Bucket]) -> str:
         h.update(repr((str(b.flat.dtype), b.flat.device.type, b.flat.numel(), b.frozen,
                        [tuple(p.shape) for p in b.params])).encode())
     return h.hexdigest()[:16]
+
+
+def describe_params(params: Iterable[torch.Tensor]) -> list[tuple[str, str, tuple[int, ...], bool]]:
+    """What the bucket layout depends on, per parameter (dtype, device type, shape, trainable): equal on ranks
+    that hold the same model in the same order."""
+    return [(str(p.dtype), p.device.type, tuple(p.shape), p.requires_grad) for p in params]
+
+
+def check_views(buckets: list[Bucket]) -> tuple[int, int] | None:
+    """The first parameter (bucket index, position) that is no longer a view into its bucket, or ``None``.
+
+    ``model.double()``, ``model.to(...)``, ``model.to_empty(...)`` or ``p.data = ...`` after wrapping give a
+    parameter new storage: it would silently stop being averaged. Comparing data pointers with the ones
+    recorded at bucketing is one C call per parameter.
+    """
+    for bi, b in enumerate(buckets):
+        if [p.data_ptr() for p in b.params] != b.pointers:
+            for pi, (p, ptr) in enumerate(zip(b.params, b.pointers)):
+                if p.data_ptr() != ptr:
+                    return bi, pi
+    return None

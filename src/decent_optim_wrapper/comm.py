@@ -1,24 +1,23 @@
-"""The gossip engine: launches one round of neighbour averaging over the buckets, waits for it, applies it.
+"""Process groups, the control plane (stamps that say what every rank is doing) and timed waits.
 
-Round ``t`` puts rank ``i`` in group ``G`` with self-weight ``w`` and peer weight ``c = (1-w)/(|G|-1)``
-(uniform: ``w = c = 1/|G|``). The mix is ``x_i <- w*x_i + c * sum_{j in G, j != i} x_j``.
+Control and data never share a channel. Data (parameters) moves on the job's own backend (NCCL on GPUs,
+gloo on CPU). Control moves on *gloo process groups over CPU tensors*, twins of the data groups:
 
-* ``|G| == 1``: nothing to do.
-* ``|G| == 2``: point-to-point exchange. The bucket is sent as it is (nothing writes it before the next
-  ``step()`` waits for the send), so nothing is prepared, and the peer's bucket lands in the receive buffer;
-  the mix ``x_i*w + x_j*(1-w)`` takes two passes (scale, add), the same count as the all-reduce path's
-  prepare and apply. With uniform weights this is bit for bit what the all-reduce of ``x*0.5`` gives.
-* otherwise: ``buffer = x_i * c`` (one pass), a non-blocking SUM all-reduce over the group's process group,
-  then ``x_i <- buffer`` for uniform weights (or ``x_i*(w-c) + buffer``). This is decent-optim-wrapper 0.1's
-  arithmetic, so the same seeds give the same numbers.
+* a stamp is a few integers (what operation, which round, how many elements, which buckets, who failed),
+  always of the same size, so two ranks doing different things can never line up collectives of different
+  sizes (gloo aborts the process on that) and always learn that they differ;
+* it is exchanged without touching the GPU, so on CUDA checking it never makes the host wait for the device,
+  and a dead or hung peer is detected on the host, within ``timeout``, even while NCCL would wait forever.
 
-Process groups: the world group serves a group of all ranks; other groups of three or more ranks get a
-process group created once at construction, only by their members.
+Process groups are created once per set of ranks and shared by every wrapper in the process.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
@@ -26,20 +25,12 @@ import torch
 import torch.distributed as dist
 from loguru import logger
 
-from .buckets import Bucket
-from .topo import Group, Schedule
-
-__all__ = ["GossipEngine", "GossipError", "global_rank"]
-
-# Rounds still in flight when their engine was garbage-collected. gloo breaks the exchange for every later
-# send and receive if an in-flight point-to-point Work is destroyed, so such Works (and the tensors they
-# read and write) are kept here until they complete.
-_ORPHANS: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
+__all__ = ["GossipError", "Op", "Stamp", "StampExchange", "ProcessGroups", "global_rank", "as_timeout",
+           "wait_all", "digest32", "agree"]
 
 
-# Process groups by (default group, ranks): every engine in the process (one per DecentOptimWrapper, one
-# per DecentralizedDataParallel bucket) shares them, so a set of ranks gets exactly one group.
-_PROCESS_GROUPS: dict[tuple[Any, tuple[int, ...]], dist.ProcessGroup] = {}
+class GossipError(RuntimeError):
+    """A gossip operation failed: a peer died, hung, failed, or the ranks fell out of step."""
 
 
 def global_rank(process_group: dist.ProcessGroup | None, rank: int) -> int:
@@ -47,276 +38,212 @@ def global_rank(process_group: dist.ProcessGroup | None, rank: int) -> int:
     return rank if process_group is None else dist.get_global_rank(process_group, rank)
 
 
-def _stamp(values: list[int], device: torch.device) -> torch.Tensor:
-    """A small int64 tensor on ``device``, filled by device-side writes (no host-device synchronisation)."""
-    t = torch.empty(len(values), dtype=torch.int64, device=device)
-    for i, v in enumerate(values):
-        t[i] = v  # a scalar fill: a kernel on CUDA, never a blocking copy from host memory
-    return t
+def digest32(*parts: Any) -> int:
+    """A 31-bit fingerprint of ``parts`` (their ``repr``), equal on ranks that pass equal values."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
-def _prune_orphans() -> None:
-    _ORPHANS[:] = [o for o in _ORPHANS if not all(w.is_completed() for w in o[0])]
+def as_timeout(timeout: float | timedelta | None, name: str = "timeout") -> timedelta | None:
+    """Validate a user timeout. Waits have millisecond resolution, so a shorter one is rounded up to 1 ms."""
+    if timeout is None:
+        return None
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"Invalid {name}={timeout!r}. Must be a positive number of seconds, a timedelta or None.")
+    if not math.isfinite(seconds):
+        raise ValueError(f"Invalid {name}={timeout!r}. Must be finite; None waits as long as the process "
+                         "group's own timeout.")
+    return timedelta(milliseconds=max(1, math.ceil(seconds * 1000)))
 
 
-class GossipError(RuntimeError):
-    """A gossip round failed: a peer died or timed out, or the ranks fell out of step."""
+def wait_all(works: Sequence[dist.Work], timeout: timedelta | None, what: str) -> None:
+    """Wait for ``works``; a failure or a timeout becomes a :class:`GossipError` that says ``what`` failed."""
+    for w in works:
+        try:
+            if timeout is None:
+                w.wait()
+            else:
+                w.wait(timeout)
+        except RuntimeError as exc:
+            within = f" within {timeout.total_seconds():g} s" if timeout is not None else ""
+            raise GossipError(
+                f"{what} did not complete{within}. A peer may have died, hung, or stopped calling the same "
+                f"operations as this rank. The process group is unusable now; restart from a checkpoint. "
+                f"Cause: {exc}"
+            ) from exc
 
 
-@dataclass
-class _Round:
-    """An averaging round that was launched and whose result is not yet applied."""
+class Op:
+    """Operation kinds carried by a stamp."""
 
-    index: int
-    group: Group
-    buckets: list[int]  # indices of the buckets this round averages
-    numel: int  # elements in those buckets, checked against the peers'
-    works: list[dist.Work] = field(default_factory=list)
-    # Round numbers exchanged with the data: the peer's (pairs) or [max, -min] over the group.
-    stamp: torch.Tensor | None = None
-    stamp_out: torch.Tensor | None = None
-    # CUDA: the stamp copied to pinned host memory without blocking, and the event that says it has landed.
-    stamp_host: torch.Tensor | None = None
-    stamp_ready: Any = None
+    ROUND = 1  # a gossip round
+    GLOBAL = 2  # global averaging, consensus distance, metrics: blocking, over all ranks
+    LAYOUT = 3  # agreeing on the model (construction, add_param_group)
+    FAILED = 9  # this rank failed locally; ``info`` says why
+
+    NAMES = {ROUND: "a gossip round", GLOBAL: "a global operation", LAYOUT: "a layout agreement",
+             FAILED: "nothing (it failed)"}
 
 
-class GossipEngine:
-    """Runs a :class:`Schedule` for one rank over a list of buckets, one round per :meth:`launch`.
+# Why a rank failed, sent in a stamp so that its peers raise at once instead of timing out.
+FAILURES = {
+    1: "its parameters are no longer views into the buckets (their storage was replaced after wrapping)",
+    2: "it has non-finite (inf/NaN) parameters",
+    3: "it raised an exception",
+}
 
-    Args:
-        schedule: the validated schedule; every rank must hold the same one.
-        rank: this process's rank.
-        buckets: the parameter buckets to average (more can be added with :meth:`add_buckets`).
-        pair_mode: ``"p2p"`` (default, measured faster on gloo) or ``"allreduce"`` for 2-rank groups.
-        timeout: how long a wait may block before a :class:`GossipError`; ``None`` uses the process
-            group's timeout.
-        process_group: the group whose members the schedule's ranks number (default: the world); ranks
-            in the schedule are ranks within this group.
-        check_rounds: send the round number along with the data, so ranks that called ``step()`` a
-            different number of times are caught instead of mixing with the wrong round's parameters.
+
+@dataclass(frozen=True)
+class Stamp:
+    """What a rank is doing: ``op`` (an :class:`Op`), its ``round``, element count and a fingerprint
+    ``ident`` of what it averages (which buckets, which operation), and ``failed`` (a :data:`FAILURES` key
+    or 0)."""
+
+    op: int
+    round: int
+    numel: int
+    ident: int
+    failed: int = 0
+
+    def values(self) -> list[int]:
+        return [self.op, self.round, self.numel, self.ident, self.failed]
+
+
+_N = 5  # fields in a stamp
+
+
+class StampExchange:
+    """One stamp exchange in flight with a pair peer (point to point) or a group (all-reduce of max and -min)."""
+
+    def __init__(self, stamp: Stamp, rank: int, ranks: tuple[int, ...], control: dist.ProcessGroup,
+                 global_peer: int | None, tag: int) -> None:
+        self.stamp, self.rank, self.ranks = stamp, rank, ranks
+        mine = stamp.values()
+        if global_peer is not None:
+            # A pair: the peer's stamp itself arrives, so a mismatch names the peer.
+            self._out = torch.tensor(mine + [rank], dtype=torch.int64)
+            self._in = torch.empty(_N + 1, dtype=torch.int64)
+            self.works = dist.batch_isend_irecv([dist.P2POp(dist.isend, self._out, global_peer, control, tag=tag),
+                                                 dist.P2POp(dist.irecv, self._in, global_peer, control, tag=tag)])
+        else:
+            # A group: max and -min of every field (and the largest failing rank + 1) in one fixed-size message.
+            failer = rank + 1 if stamp.failed else 0
+            self._in = torch.tensor(mine + [-v for v in mine] + [failer], dtype=torch.int64)
+            self.works = [dist.all_reduce(self._in, op=dist.ReduceOp.MAX, group=control, async_op=True)]
+
+    def verify(self, timeout: timedelta | None, what: str) -> None:
+        """Wait for the exchange and raise :class:`GossipError` if any member did something else."""
+        wait_all(self.works, timeout, f"rank {self.rank}: {what}")
+        v = self._in.tolist()
+        if len(v) == _N + 1:  # a pair: the peer's own stamp
+            peer = Stamp(*v[:_N])
+            problem = self._compare(peer, peer, v[_N] if peer.failed else -1, v[_N])
+        else:
+            hi, lo = Stamp(*v[:_N]), Stamp(*[-x for x in v[_N:2 * _N]])
+            problem = self._compare(lo, hi, v[2 * _N] - 1, None)
+        if problem is not None:
+            raise GossipError(f"rank {self.rank}: {what}: {problem}")
+
+    def _compare(self, lo: Stamp, hi: Stamp, failer: int, peer: int | None) -> str | None:
+        s = self.stamp
+        others = f"rank {peer}" if peer is not None else f"the group {list(self.ranks)}"
+        if hi.failed and failer != self.rank:
+            return f"rank {failer} failed: {FAILURES.get(hi.failed, 'unknown failure')}."
+        if lo.op != s.op or hi.op != s.op:
+            theirs = {Op.NAMES.get(o, str(o)) for o in (lo.op, hi.op) if o != s.op}
+            return (f"this rank did {Op.NAMES.get(s.op)} while {others} did {', '.join(sorted(theirs))}. Every rank "
+                    "must call step(), global_avg(), consensus_distance() and the like in the same order.")
+        if lo.round != s.round or hi.round != s.round:
+            at = f"round {lo.round}" if lo.round == hi.round else f"rounds {lo.round} to {hi.round}"
+            return (f"out of step: at its round {s.round} this rank averaged with {others}, which was at {at}. "
+                    "Every rank must call step() the same number of times and resume from the same step.")
+        if lo.ident != s.ident or hi.ident != s.ident:
+            return (f"{others} averaged different buckets or did another operation in round {s.round} (ranks "
+                    "launched their buckets in different orders, or hold different models).")
+        if lo.numel != s.numel or hi.numel != s.numel:
+            n = f"{lo.numel}" if lo.numel == hi.numel else f"between {lo.numel} and {hi.numel}"
+            return (f"this rank averaged {s.numel} elements in round {s.round}, {others} {n}: the ranks disagree "
+                    "on which parameters are trainable (requires_grad).")
+        return None
+
+
+class ProcessGroups:
+    """The process groups of one gossip world (``parent``: the default group, or the user's subgroup).
+
+    Data groups use the parent's backend; control groups are gloo twins. A data group of every rank of the
+    parent is the parent itself. Groups are created once and cached process-wide; :meth:`prepare` creates a
+    whole schedule's groups on *every* rank in one global order (torch names a group after a counter that
+    every creating call advances, so ranks that created different sequences of groups would disagree on
+    later names and deadlock), members joining only their own groups' rendezvous.
     """
 
-    def __init__(self, schedule: Schedule, rank: int, buckets: list[Bucket], *, pair_mode: str = "p2p",
-                 timeout: timedelta | None = None, check_rounds: bool = True,
-                 process_group: dist.ProcessGroup | None = None) -> None:
-        if pair_mode not in ("p2p", "allreduce"):
-            raise ValueError(f"Invalid pair_mode={pair_mode!r}. Must be 'p2p' or 'allreduce'.")
-        self.pair_mode = pair_mode
-        self.process_group = process_group
-        self.schedule = schedule
-        self.rank = rank
-        self.buckets = buckets
-        self.timeout = timeout
-        self.check_rounds = check_rounds
-        # Point-to-point tags start here; engines that exchange with the same peer use disjoint ranges.
-        self.tag_base = 0
-        # Persistent extra memory: one receive/reduce buffer per communicated bucket, the size of the
-        # parameters; made on first use, so frozen buckets cost nothing.
-        self.buffers: list[torch.Tensor | None] = [None] * len(buckets)
-        self.rounds_launched = 0
-        self.elements_sent = 0
-        self._pending: _Round | None = None
-        self._unchecked: _Round | None = None  # on CUDA a round's stamp is checked one round later
-        self._process_groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
-        for t in range(schedule.period):
-            group = schedule.group(rank, t)
-            if not self._is_p2p(group) and group.size > 1 and group.ranks not in self._process_groups:
-                self._process_groups[group.ranks] = self._new_process_group(group)
-            logger.debug("rank {} round {}: group {} weight {}", rank, t, list(group.ranks), group.self_weight)
+    _cache: dict[tuple[Any, tuple[int, ...], str, str], Any] = {}
 
-    def _is_p2p(self, group: Group) -> bool:
-        return group.size == 2 and self.pair_mode == "p2p"
+    def __init__(self, parent: dist.ProcessGroup | None) -> None:
+        self.parent = parent
+        self.world_size = dist.get_world_size(parent)
+        self.backend = str(dist.get_backend(parent))
 
-    def _new_process_group(self, group: Group) -> dist.ProcessGroup | None:
-        if group.size == self.schedule.world_size:
-            return self.process_group  # the whole group (None: the default, world group)
-        ranks = tuple(global_rank(self.process_group, r) for r in group.ranks)
-        key = (dist.distributed_c10d._get_default_group(), ranks)
-        if key not in _PROCESS_GROUPS:
-            # Only the members create it: no O(world_size) group creation on every rank.
-            logger.debug("rank {}: creating process group {}", self.rank, list(ranks))
-            _PROCESS_GROUPS[key] = cast(dist.ProcessGroup,
-                                        dist.new_group(list(ranks), use_local_synchronization=True))
-        return _PROCESS_GROUPS[key]
+    def to_global(self, ranks: Sequence[int]) -> tuple[int, ...]:
+        return tuple(global_rank(self.parent, r) for r in ranks)
 
-    def __del__(self) -> None:
-        pending = getattr(self, "_pending", None)
-        if pending is not None and pending.works:
-            tensors = [t for t in self.buffers if t is not None] + [b.flat for b in self.buckets]
-            try:
-                _ORPHANS.append((pending.works, tensors))
-            except Exception:  # interpreter shutdown: module globals may already be gone
-                pass
+    def prepare(self, specs: Sequence[tuple[tuple[int, ...], str]]) -> None:
+        """Create the groups ``(ranks, "data" | "control")`` (ranks of the parent), in this order, on every rank."""
+        for ranks, kind in specs:
+            if kind == "data" and len(ranks) == self.world_size:
+                continue
+            self._create(self.to_global(ranks), kind)
 
-    def add_buckets(self, buckets: list[Bucket]) -> None:
-        """Include more buckets in the rounds launched from now on (appended to the list given at construction)."""
-        self.buckets.extend(buckets)
-        self.buffers.extend([None] * len(buckets))
+    def data(self, ranks: Sequence[int]) -> dist.ProcessGroup | None:
+        """The data group of ``ranks`` (ranks of the parent)."""
+        if len(ranks) == self.world_size:
+            return self.parent
+        return self._get(self.to_global(ranks), "data")
 
-    def _buffer(self, i: int) -> torch.Tensor:
-        buf = self.buffers[i]
-        if buf is None:
-            buf = self.buffers[i] = torch.empty_like(self.buckets[i].flat)
-        return buf
+    def control(self, ranks: Sequence[int] | None = None) -> dist.ProcessGroup:
+        """The gloo control group of ``ranks`` (default: every rank of the parent)."""
+        ranks = range(self.world_size) if ranks is None else ranks
+        return self._get(self.to_global(ranks), "control")
 
-    def active(self) -> list[int]:
-        """Indices of the buckets that are communicated (all but the frozen ones)."""
-        return [i for i, b in enumerate(self.buckets) if not b.frozen]
+    def _get(self, global_ranks: tuple[int, ...], kind: str) -> dist.ProcessGroup:
+        pg = self._create(global_ranks, kind)
+        if pg is dist.GroupMember.NON_GROUP_MEMBER:
+            raise RuntimeError(f"internal error: rank {dist.get_rank()} is not in process group {list(global_ranks)}")
+        return cast(dist.ProcessGroup, pg)
 
-    @property
-    def pending(self) -> bool:
-        """Whether a launched round is waiting to be applied."""
-        return self._pending is not None
+    def _create(self, global_ranks: tuple[int, ...], kind: str) -> Any:
+        backend = "gloo" if kind == "control" else self.backend
+        key = (dist.distributed_c10d._get_default_group(), global_ranks, kind, backend)
+        if key not in self._cache:
+            logger.debug("rank {}: creating {} process group {}", dist.get_rank(), kind, list(global_ranks))
+            # Only the members rendezvous (no O(world size) connection set-up on every rank); a non-member
+            # gets torch's marker and keeps it, so that it never creates the group a second time.
+            everyone = len(global_ranks) == dist.get_world_size()
+            self._cache[key] = dist.new_group(list(global_ranks), backend=backend,
+                                              use_local_synchronization=not everyone)
+        return self._cache[key]
 
-    @torch.no_grad()
-    def launch(self, round_: int) -> None:
-        """Start averaging the buckets over this rank's group of round ``round_`` without blocking."""
-        if self._pending is not None:
-            raise RuntimeError("GossipEngine.launch() called while a round is still pending; call finish() first.")
-        if _ORPHANS:
-            _prune_orphans()
-        group = self.schedule.group(self.rank, round_)
-        active = self.active()
-        if group.size == 1 or not active:
-            return
-        # The stamp: this round's number and how many elements this rank averages, checked against the peers'.
-        numel = sum(self.buckets[i].flat.numel() for i in active)
-        rnd = _Round(round_, group, active, numel)
-        device = self.buckets[0].flat.device
-        self.rounds_launched += 1
-        if self._is_p2p(group):
-            peer = global_rank(self.process_group, group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1])
-            pg = self.process_group
-            ops = []
-            if self.check_rounds:
-                rnd.stamp_out = _stamp([round_, numel], device)
-                rnd.stamp = torch.empty_like(rnd.stamp_out)
-                ops += [dist.P2POp(dist.isend, rnd.stamp_out, peer, pg, tag=self.tag_base),
-                        dist.P2POp(dist.irecv, rnd.stamp, peer, pg, tag=self.tag_base)]
-            for i in active:
-                # The bucket is sent as it is: nothing writes it before the next step() waits for the send.
-                ops.append(dist.P2POp(dist.isend, self.buckets[i].flat, peer, pg, tag=self.tag_base + i + 1))
-                ops.append(dist.P2POp(dist.irecv, self._buffer(i), peer, pg, tag=self.tag_base + i + 1))
-            rnd.works = dist.batch_isend_irecv(ops)
-            self.elements_sent += numel
-        else:
-            pg = self._process_groups[group.ranks]
-            if self.check_rounds:
-                rnd.stamp = _stamp([round_, -round_, numel, -numel], device)
-                rnd.works.append(dist.all_reduce(rnd.stamp, op=dist.ReduceOp.MAX, group=pg, async_op=True))
-            for i in active:
-                buf = self._buffer(i)
-                torch.mul(self.buckets[i].flat, group.peer_weight, out=buf)
-                rnd.works.append(dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg, async_op=True))
-            # a ring all-reduce sends 2(k-1)/k of the data
-            self.elements_sent += numel * 2 * (group.size - 1) // group.size
-        self._pending = rnd
 
-    def wait(self) -> None:
-        """Block until the pending round's communication is complete (its result stays in the buffers)."""
-        if self._unchecked is not None:
-            earlier, self._unchecked = self._unchecked, None
-            self._check_stamp(earlier)
-        rnd = self._pending
-        if rnd is None or not rnd.works:
-            return
-        for w in rnd.works:
-            try:
-                self._wait(w)
-            except RuntimeError as exc:
-                self._pending = None
-                within = f" within {self.timeout.total_seconds():g} s" if self.timeout is not None else ""
-                raise GossipError(
-                    f"rank {self.rank}: averaging round {rnd.index} with ranks {list(rnd.group.ranks)} did not "
-                    f"complete{within}. A peer may have died, hung, or called step() a different number of "
-                    f"times than this rank. The process group is unusable now; restart from a checkpoint. "
-                    f"Cause: {exc}"
-                ) from exc
-        rnd.works = []
-        if rnd.stamp is not None:
-            if rnd.stamp.is_cuda:
-                # Reading it now would make the host wait for the GPU; copy it out without blocking and
-                # check it at the next wait, by when the copy has long landed.
-                rnd.stamp_host = torch.empty(rnd.stamp.shape, dtype=rnd.stamp.dtype, pin_memory=True)
-                rnd.stamp_host.copy_(rnd.stamp, non_blocking=True)
-                rnd.stamp_ready = torch.cuda.Event()
-                rnd.stamp_ready.record()
-                self._unchecked = rnd
-            else:
-                self._check_stamp(rnd)
+def agree(groups: ProcessGroups, rank: int, what: str, error: str | None,
+          checks: dict[str, tuple[Any, str, str]], timeout: timedelta | None = None) -> None:
+    """Make every rank of ``groups`` raise the same ``ValueError`` if any of them failed or they differ.
 
-    def _wait(self, work: dist.Work) -> None:
-        if self.timeout is None:
-            work.wait()
-        else:
-            work.wait(self.timeout)
-
-    def _check_stamp(self, rnd: _Round) -> None:
-        assert rnd.stamp is not None
-        if rnd.stamp_ready is not None:
-            rnd.stamp_ready.synchronize()
-            values = rnd.stamp_host.tolist()  # type: ignore[union-attr]
-        else:
-            values = rnd.stamp.tolist()
-        numel = rnd.numel
-        again = "Every rank must call step() the same number of times and resume from the same step."
-        trainable = "the ranks disagree on which parameters are trainable (requires_grad)."
-        problem = None
-        if rnd.stamp_out is not None:  # a pair: the peer's round number and size
-            peer = [r for r in rnd.group.ranks if r != self.rank][0]
-            if values[0] != rnd.index:
-                problem = (f"rank {self.rank} is out of step: at its round {rnd.index} it averaged with rank {peer}, "
-                           f"which was at round {values[0]}. {again}")
-            elif values[1] != numel:
-                problem = (f"rank {self.rank} averaged {numel} elements in round {rnd.index} but rank {peer} "
-                           f"averaged {values[1]}: {trainable}")
-        elif values[0] != rnd.index or -values[1] != rnd.index:
-            problem = (f"rank {self.rank} is out of step: in its round {rnd.index} the group "
-                       f"{list(rnd.group.ranks)} was at rounds {-values[1]} to {values[0]}. {again}")
-        elif values[2] != numel or -values[3] != numel:
-            problem = (f"rank {self.rank}: in round {rnd.index} the group {list(rnd.group.ranks)} averaged between "
-                       f"{-values[3]} and {values[2]} elements, this rank {numel}: {trainable}")
-        if problem is not None:
-            self._pending = None
-            raise GossipError(problem)
-
-    @torch.no_grad()
-    def finish(self) -> None:
-        """Wait for the pending round and write its result into the buckets."""
-        if self._pending is None:
-            return
-        self.wait()
-        rnd, self._pending = self._pending, None
-        g = rnd.group
-        for i in rnd.buckets:
-            b, buf = self.buckets[i], self._buffer(i)
-            if self._is_p2p(g):
-                b.flat.mul_(g.self_weight).add_(buf, alpha=1.0 - g.self_weight)
-            elif g.weight is None:
-                b.flat.copy_(buf)
-            else:
-                b.flat.mul_(g.self_weight - g.peer_weight).add_(buf)
-
-    def detach(self) -> _Round | None:
-        """Wait for the pending round and take it out of the engine (its result stays in the buffers)."""
-        self.wait()
-        rnd, self._pending = self._pending, None
-        return rnd
-
-    def attach(self, rnd: _Round | None) -> None:
-        """Put back a round taken by :meth:`detach`; valid while nothing else has used the buffers."""
-        self._pending = rnd
-
-    @torch.no_grad()
-    def all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
-        """Replace each tensor by its mean over all ranks (blocking, bounded by the timeout)."""
-        n = self.schedule.world_size
-        works = []
-        for t in tensors:
-            t.mul_(1.0 / n)  # scale first, as the rounds do: x/n summed, never a sum that could overflow
-            works.append(dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.process_group, async_op=True))
-        for w in works:
-            try:
-                self._wait(w)
-            except RuntimeError as exc:
-                raise GossipError(f"rank {self.rank}: global averaging did not complete. Cause: {exc}") from exc
+    ``error``: this rank's own problem (``None`` if none). ``checks``: name -> (value, what differing values
+    mean, what to do); values must be equal on every rank. Nobody raises before everybody has spoken, so a
+    problem on one rank never leaves the others waiting in a collective.
+    """
+    control = groups.control()
+    everyone_ranks = tuple(range(groups.world_size))
+    StampExchange(Stamp(Op.LAYOUT, 0, 0, digest32(what)), rank, everyone_ranks, control, None, 0).verify(timeout, what)
+    mine = (error, {k: v for k, (v, _, _) in checks.items()})
+    everyone: list[Any] = [None] * groups.world_size
+    dist.all_gather_object(everyone, mine, group=control)
+    if error is not None:
+        raise ValueError(error)
+    failed = [(r, e[0]) for r, e in enumerate(everyone) if e[0] is not None]
+    if failed:
+        raise ValueError(f"rank {failed[0][0]} failed while {what}: {failed[0][1]}")
+    for name, (_, meaning, advice) in checks.items():
+        values = [e[1][name] for e in everyone]
+        if len(set(map(repr, values))) != 1:
+            raise ValueError(f"Ranks {meaning} while {what} (by rank: {values}); {advice}.")

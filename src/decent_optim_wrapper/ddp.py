@@ -23,7 +23,6 @@ from .wrapper import DecentOptimWrapper
 __all__ = ["DecentralizedDataParallel", "OPTIM_FN_TYPE", "LR_SCHEDULER_FN_TYPE"]
 
 OPTIM_FN_TYPE = Callable[[list[tuple[str, Tensor]]], Optimizer]
-_TAGS_PER_BUCKET = 1 << 10
 LR_SCHEDULER_FN_TYPE = Callable[[Optimizer], Any]
 
 
@@ -95,8 +94,6 @@ class DecentralizedDataParallel(nn.Module):
                 raise ValueError(f"Invalid optim_fn: it returned {type(inner).__name__}, not a torch.optim.Optimizer.")
             wrapper = DecentOptimWrapper(inner, local_world_size=local_world_size, topology=topology,
                                          bucket_cap_mb=float("inf"), timeout=timeout, process_group=process_group)
-            # Buckets exchange with the same peers at nearly the same time: keep their messages apart.
-            wrapper._engine.tag_base = len(self._optimizers) * _TAGS_PER_BUCKET
             self._optimizers.append(wrapper)
             self._schedulers.append(lr_scheduler_fn(wrapper) if lr_scheduler_fn is not None else None)
         self._bucket_params: list[list[Tensor]] = [[p for _, p in chunk] for chunk in chunks]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import timedelta
@@ -15,10 +15,12 @@ import torch.distributed as dist
 from loguru import logger
 from torch.optim import Optimizer
 
-from .buckets import Bucket, build_buckets, layout_digest
-from .comm import GossipEngine, global_rank
+from .buckets import Bucket, build_buckets, check_bucket_cap, check_params, check_views, describe_params
+from .comm import ProcessGroups, agree, as_timeout, digest32, global_rank
+from .gossip import CommStats, Gossip, next_instance
 from .reinit import build_lr_scheduler, build_optimizer, validate_lr_scheduler_config
 from .topo import Schedule, Topology, TopologyFactory
+from .transport import PAIR_TRANSPORTS
 
 __all__ = ["DecentOptimWrapper"]
 
@@ -44,13 +46,21 @@ class DecentOptimWrapper(Optimizer):
         bucket_cap_mb: largest bucket, in MiB; one set of buckets per (device, dtype).
         timeout: seconds (or a ``timedelta``) a step may wait for its peers before raising
             :class:`~decent_optim_wrapper.comm.GossipError` (a dead, hung or out-of-step peer); default the
-            process group's timeout.
-        check_rounds: send each round's number with its data so that ranks calling ``step()`` a different
-            number of times raise ``GossipError`` instead of averaging with the wrong round (on CUDA the
-            check reports one round later, to keep the host from waiting on the GPU).
+            process group's timeout. Millisecond resolution.
+        check_rounds: exchange a stamp with every round (a few integers on a gloo control group, never on
+            the GPU) so that ranks out of step, a dead peer or a peer that failed raise ``GossipError``
+            instead of averaging with the wrong round or waiting forever.
         process_group: gossip among the members of this group only (ranks and world size are then those
             within the group, as ``torch.distributed`` numbers them); default the world. Several groups
             can train side by side, e.g. one per model-parallel shard.
+        wire_dtype: dtype the parameters travel in, e.g. ``torch.bfloat16`` (half the bytes of float32);
+            default ``None``, the parameters' own dtype. Parameters stay in their own precision, and the
+            mix keeps the global mean exact (see :mod:`~decent_optim_wrapper.mixing`).
+        pair_transport: how full-precision pairs travel: ``"auto"`` (the backend's fastest, see
+            :func:`~decent_optim_wrapper.transport.choose`), ``"p2p"`` or ``"allreduce"``.
+        check_finite: after each local update, check that the parameters are finite and, if not, raise on
+            this rank and make its peers raise a ``GossipError`` that names it, before the values spread
+            (costs a reduction and, on CUDA, a host synchronisation per step).
     """
 
     def __init__(
@@ -65,45 +75,59 @@ class DecentOptimWrapper(Optimizer):
         timeout: float | timedelta | None = None,
         check_rounds: bool = True,
         process_group: dist.ProcessGroup | None = None,
+        wire_dtype: torch.dtype | None = None,
+        pair_transport: str = "auto",
+        check_finite: bool = False,
     ) -> None:
-        if not isinstance(optimizer, Optimizer):
-            raise ValueError(f"Invalid optimizer of type {type(optimizer).__name__}. Must be a torch.optim.Optimizer.")
-        if isinstance(optimizer, DecentOptimWrapper):
-            raise ValueError("Invalid optimizer: it is already a DecentOptimWrapper; wrap the inner optimizer once.")
-        timeout_td = _as_timedelta(timeout)
         self._init_optimizer_hooks()
-        self._optimizer = optimizer
-        self._pg = process_group
         self._rank, self._world_size, error = _resolve_rank_and_world_size(rank, world_size, process_group)
-        self._local_world_size = _resolve_local_world_size(local_world_size)
-        self._round = 0
-        self._backup: tuple[list[torch.Tensor], Any, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
-        self._relaunch_round: int | None = None
-
-        # Problems found locally are shared with every rank before anyone raises, so a bad schedule or a
-        # mismatched model on one rank can never leave the others waiting in a collective.
-        self._topology: Topology | None = None
-        schedule: Schedule | None = None
-        if error is None:
-            try:
-                self._topology = _make_topology(topology, self._rank, self._world_size, self._local_world_size)
-                schedule = self._topology.schedule()
-            except ValueError as exc:
-                error = str(exc)
-        self._buckets: list[Bucket] = build_buckets(self._params(), bucket_cap_mb)
+        self._pg = process_group
+        # Every argument is checked before the first collective; a problem on one rank is shared with all
+        # of them, so every rank raises the same ValueError and none is left waiting.
+        checks = _Checks(error)
+        params: list[torch.Tensor] = []
+        if checks.run(_check_optimizer, optimizer):
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._optimizer = optimizer
+        self._timeout = checks.run(as_timeout, timeout)
+        self._local_world_size = checks.run(_resolve_local_world_size, local_world_size) or 1
+        checks.run(check_bucket_cap, bucket_cap_mb)
+        checks.run(check_params, params)
+        checks.run(_check_flag, "check_rounds", check_rounds)
+        checks.run(_check_flag, "check_finite", check_finite)
+        checks.run(_check_wire_dtype, wire_dtype)
+        checks.run(_check_pair_transport, pair_transport)
+        self._topology: Topology | None = checks.run(_make_topology, topology, self._rank, self._world_size,
+                                                     self._local_world_size)
+        schedule: Schedule | None = checks.run(self._topology.schedule) if self._topology is not None else None
         self._bucket_cap_mb = bucket_cap_mb
-        if self._world_size > 1:
-            self._agree(error, schedule.digest() if schedule else "", "constructing DecentOptimWrapper")
-        elif error is not None:
-            raise ValueError(error)
+        self._check_finite = bool(check_finite)
+
+        groups = ProcessGroups(process_group) if self._world_size > 1 else None
+        if groups is not None:
+            agree(groups, self._rank, "constructing DecentOptimWrapper", checks.error, {
+                "schedule": (schedule.digest() if schedule else "", "built different topology schedules",
+                             "a custom topology must depend on nothing but rank, world_size and local_world_size"),
+                "layout": (digest32(describe_params(params), bucket_cap_mb), "hold different parameter layouts",
+                           "every rank must build the same model and optimizer, with parameters in the same "
+                           "order, shapes, dtypes and requires_grad, and the same bucket_cap_mb"),
+                "options": ((str(wire_dtype), bool(check_rounds), pair_transport, next_instance(groups)),
+                            "use different options", "wire_dtype, check_rounds and pair_transport must be equal on "
+                            "every rank, and every rank must have built as many wrappers before this one"),
+            }, self._timeout)
+        elif checks.error is not None:
+            raise ValueError(checks.error)
         if schedule is None:  # unreachable: a missing schedule comes with an error, raised above
             raise RuntimeError("internal error: no schedule and no error")
         self._schedule = schedule
-
-        if self._world_size > 1:
+        self._buckets: list[Bucket] = build_buckets(params, bucket_cap_mb)
+        if groups is not None:
             self._broadcast_from_rank0(self._buckets)
-        self._engine = GossipEngine(schedule, self._rank, self._buckets, timeout=timeout_td,
-                                    check_rounds=bool(check_rounds), process_group=self._pg)
+            self._gossip = Gossip(schedule, self._rank, self._buckets, groups, wire_dtype=wire_dtype,
+                                  timeout=self._timeout, check_rounds=bool(check_rounds),
+                                  pair_transport=pair_transport)
+        else:
+            self._gossip = Gossip.alone(schedule, self._buckets)
         logger.debug(
             "rank {}/{}: topology {} with period {}, {} bucket(s)",
             self._rank, self._world_size, self.topology.name, schedule.period, len(self._buckets),
@@ -173,11 +197,21 @@ class DecentOptimWrapper(Optimizer):
     @property
     def round(self) -> int:
         """Number of averaging rounds launched so far (``step()`` calls since construction or resume)."""
-        return self._round
+        return self._gossip.round
 
     @property
     def buckets(self) -> list[Bucket]:
         return self._buckets
+
+    @property
+    def gossip(self) -> Gossip:
+        """The object that runs the rounds (its state, counters and buffers)."""
+        return self._gossip
+
+    @property
+    def comm_stats(self) -> CommStats:
+        """Rounds that moved data and bytes this rank sent so far (read-only)."""
+        return self._gossip.stats
 
     @torch.no_grad()
     def _broadcast_from_rank0(self, buckets: list[Bucket]) -> None:
@@ -196,6 +230,12 @@ class DecentOptimWrapper(Optimizer):
         return (f"DecentOptimWrapper(rank={self._rank}, world_size={self._world_size}, "
                 f"topology={self.topology.name!r}, optimizer={self._optimizer!r})")
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(_NO_COPY)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        raise TypeError(_NO_COPY)
+
     # ------------------------------------------------------------------ training
     # GradScaler hands this wrapper its scale and inf flag instead of skipping step(): every rank must take
     # part in every round, also a rank whose gradients overflowed (it skips only its local update).
@@ -209,21 +249,51 @@ class DecentOptimWrapper(Optimizer):
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Apply the previous round's averaging, take the inner optimizer's step, launch this round's."""
-        self._drop_backup()
+        gossip = self._gossip
+        if gossip.drop_held():
+            logger.debug("rank {}: step() after global_avg() without revert; training goes on from the average",
+                         self._rank)
         self._thaw_buckets()
-        self._finish_pending()
+        self._check_views()
+        gossip.apply()
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step(wrapper)
         if found_inf is None:
             loss = self._optimizer.step() if closure is None else self._optimizer.step(closure)
         else:
             loss = self._amp_inner_step(getattr(self, "grad_scale", None), found_inf)
+        if self._check_finite:
+            self._check_parameters_finite()
         hook = getattr(self._optimizer, "pre_average_hook", None)
         if callable(hook):
-            group = self._schedule.group(self._rank, self._round)
+            group = self._schedule.group(self._rank, gossip.round)
             hook(group, group.self_weight)
-        self._engine.launch(self._round)
-        self._round += 1
+        gossip.launch()
         return loss
+
+    def _check_views(self) -> None:
+        broken = check_views(self._buckets)
+        if broken is None:
+            return
+        self._gossip.fail(1)
+        bi, pi = broken
+        p = self._buckets[bi].params[pi]
+        where = next(f"param_groups[{g}]['params'][{i}]" for g, group in enumerate(self._optimizer.param_groups)
+                     for i, q in enumerate(group["params"]) if q is p)
+        raise ValueError(
+            f"rank {self._rank}: the parameter {where} (shape {tuple(p.shape)}, {p.dtype}) is no longer a view into "
+            "its bucket: its storage was replaced after the optimizer was wrapped (model.to(), .double(), .half(), "
+            "to_empty(), load_state_dict(assign=True) or `p.data = ...`). It would silently stop being averaged. "
+            "Do such conversions before wrapping the optimizer, then build a new DecentOptimWrapper."
+        )
+
+    @torch.no_grad()
+    def _check_parameters_finite(self) -> None:
+        flats = [b.flat for b in self._buckets if not b.frozen]
+        if not flats or all(bool(torch.isfinite(f).all()) for f in flats):
+            return
+        self._gossip.fail(2)
+        raise FloatingPointError(f"rank {self._rank}: non-finite (inf/NaN) parameters after the local update of "
+                                 f"round {self._gossip.round - 1}; stopped before they reach the peers.")
 
     @torch.no_grad()
     def _amp_inner_step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | int) -> None:
@@ -235,10 +305,11 @@ class DecentOptimWrapper(Optimizer):
             finally:
                 del inner.grad_scale, inner.found_inf  # type: ignore[attr-defined]
             return
-        # GradScaler passes a plain 0 when none of these parameters has a gradient (an idle bucket, say)
+        # Skipping the update needs the flag on the host: the one synchronisation GradScaler itself makes for
+        # such optimizers (fused ones skip on the device, above). A plain 0 when no parameter has a gradient.
         if float(found_inf) != 0.0:
             logger.debug("rank {}: inf/NaN gradients, local update skipped; round {} still runs",
-                         self._rank, self._round)
+                         self._rank, self._gossip.round)
             return
         if grad_scale is not None:  # None when scaler.unscale_(wrapper) already ran (e.g. for clipping)
             inv_scale = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
@@ -250,20 +321,12 @@ class DecentOptimWrapper(Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._optimizer.zero_grad(set_to_none=set_to_none)
 
-    def _finish_pending(self) -> None:
-        if self._relaunch_round is not None:
-            # Resumed from a checkpoint taken while round k was in flight: the parameters loaded are the
-            # ones that round was averaging, so running it again reproduces its result exactly.
-            rnd, self._relaunch_round = self._relaunch_round, None
-            self._engine.launch(rnd)
-        self._engine.finish()
-
     def _thaw_buckets(self) -> None:
         for b in self._buckets:
             if b.frozen and any(p.requires_grad for p in b.params):
-                # Ranks thaw at the same step in any sane schedule; the round stamp catches those that don't.
+                # The next round checks with the peers before any data of the new size moves.
                 logger.debug("rank {}: a frozen bucket was thawed; it is averaged from round {} on",
-                             self._rank, self._round)
+                             self._rank, self._gossip.round)
                 b.frozen = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -280,17 +343,27 @@ class DecentOptimWrapper(Optimizer):
             error = f"add_param_group failed: {exc}"
         known = self._bucketed()
         new = [p for p in self._optimizer.param_groups[-1]["params"] if id(p) not in known] if error is None else []
-        buckets = build_buckets(new, self._bucket_cap_mb)
-        if self._world_size > 1:
+        if error is None:
             try:
-                self._agree(error, self._schedule.digest(), "adding a parameter group", buckets)
+                check_params(new)
+            except ValueError as exc:
+                error = str(exc)
+        groups = self._gossip.groups
+        if groups is not None:
+            try:
+                agree(groups, self._rank, "adding a parameter group", error, {
+                    "layout": (digest32(describe_params(new)), "hold different parameter layouts",
+                               "every rank must add the same parameters"),
+                }, self._timeout)
             except ValueError:
                 del self._optimizer.param_groups[n_groups:]  # leave the optimizer as it was
                 raise
-            self._broadcast_from_rank0(buckets)
         elif error is not None:
             raise ValueError(error)
-        self._engine.add_buckets(buckets)  # the engine's list is self._buckets: one list, extended once
+        buckets = build_buckets(new, self._bucket_cap_mb)
+        if self._world_size > 1:
+            self._broadcast_from_rank0(buckets)
+        self._gossip.add_buckets(buckets)  # the gossip's list is self._buckets: one list, extended once
 
     def reinit_optimizer(self, optimizer: Optimizer | dict[str, Any], lr_scheduler: dict[str, Any] | None = None,
                          init_pg_lrs: list[float] | None = None) -> Any:
@@ -337,37 +410,13 @@ class DecentOptimWrapper(Optimizer):
         this call never happened; the next :meth:`step` without a revert drops them. With ``module``, its
         floating-point buffers (BatchNorm statistics, say) are averaged (and restored) too.
         """
-        pending = self._engine.detach()
-        relaunch, self._relaunch_round = self._relaunch_round, None
+        self._check_views()
         buffers = [t for t in module.buffers() if t.is_floating_point()] if module is not None else []
-        if may_revert and self._backup is None:
-            self._backup = ([b.flat.clone() for b in self._buckets], (pending, relaunch),
-                            [(t, t.clone()) for t in buffers])
-        if self._world_size > 1:
-            self._engine.all_reduce_mean([b.flat for b in self._buckets] + buffers)
+        self._gossip.average_globally(buffers, may_revert)
 
-    @torch.no_grad()
     def revert_global_avg(self) -> None:
         """Undo :meth:`global_avg`: restore the parameters (and buffers) and the averaging in flight."""
-        if self._backup is None:
-            raise RuntimeError(
-                "revert_global_avg() has nothing to revert: call global_avg(may_revert=True) first, and revert "
-                "before the next step()."
-            )
-        flats, (pending, relaunch), buffers = self._backup
-        self._backup = None
-        for b, saved in zip(self._buckets, flats):
-            b.flat.copy_(saved)
-        for t, saved in buffers:
-            t.copy_(saved)
-        self._engine.attach(pending)
-        self._relaunch_round = relaunch
-
-    def _drop_backup(self) -> None:
-        if self._backup is not None:
-            logger.debug("rank {}: step() after global_avg() without revert; training goes on from the average",
-                         self._rank)
-            self._backup = None
+        self._gossip.revert()
 
     @torch.no_grad()
     def consensus_distance(self) -> float:
@@ -376,15 +425,15 @@ class DecentOptimWrapper(Optimizer):
         Measures how far the workers are from agreement (0 after ``global_avg``). Uses the parameters as they
         are now (the averaging in flight is not applied) and a temporary copy of them.
         """
-        if self._world_size == 1:
+        if self._world_size == 1 or not self._buckets:
             return 0.0
         means = [b.flat.clone() for b in self._buckets]
-        self._engine.all_reduce_mean(means)
-        sq = torch.zeros((), dtype=torch.float64, device=self._buckets[0].flat.device)
-        for b, m in zip(self._buckets, means):
-            sq += (b.flat.double() - m.double()).square().sum()
-        self._engine.all_reduce_mean([sq])
-        return float(sq.sqrt())
+        self._gossip.global_mean(means, "consensus_distance")
+        sq = 0.0
+        for b, m in zip(self._buckets, means):  # each bucket on its own device; no float64 copies
+            d = m.sub_(b.flat) if m.element_size() >= 4 else m.float().sub_(b.flat)
+            sq += float(d.square_().sum(dtype=torch.float64))
+        return math.sqrt(self._gossip.control_sum([sq])[0] / self._world_size)
 
     @torch.no_grad()
     def reduce_metrics(self, metrics: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -393,27 +442,20 @@ class DecentOptimWrapper(Optimizer):
         If the inner optimizer has ``pre_reduce_metrics`` / ``post_reduce_metrics`` (``DecoupledLionW``
         does), the metrics are mapped to sums, summed over ranks and mapped back, so that norms and cosines
         describe the vectors of all ranks taken together; otherwise each metric is averaged over ranks.
-        All ranks must pass the same keys.
+        All ranks must pass the same keys (checked: a difference raises ``GossipError`` on every rank).
         """
         inner = self._optimizer
-        device = self._buckets[0].flat.device if self._buckets else torch.device("cpu")
         work = dict(metrics)
         pre = getattr(inner, "pre_reduce_metrics", None)
         post = getattr(inner, "post_reduce_metrics", None)
         if callable(pre) and callable(post):
             work = pre(work)
         keys = sorted(work)
-        values = torch.stack([torch.as_tensor(work[k], dtype=torch.float64).reshape(()).to(device) for k in keys]) \
-            if keys else torch.zeros(0, dtype=torch.float64, device=device)
+        values = [float(torch.as_tensor(work[k], dtype=torch.float64)) for k in keys]
         if self._world_size > 1:
-            digest = zlib.crc32("\x00".join(keys).encode())
-            check = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
-            dist.all_reduce(check, op=dist.ReduceOp.MAX, group=self._pg)
-            if check[0].item() != digest or -check[1].item() != digest:
-                raise ValueError("reduce_metrics: the ranks passed different metric names; pass the same keys "
-                                 "on every rank.")
-            dist.all_reduce(values, op=dist.ReduceOp.SUM, group=self._pg)
-        out = dict(zip(keys, values.unbind()))
+            self._gossip.agree_global("reduce_metrics", keys)
+            values = self._gossip.control_sum(values)
+        out = {k: torch.tensor(v, dtype=torch.float64) for k, v in zip(keys, values)}
         if callable(pre) and callable(post):
             return post(out)
         return {k: v / self._world_size for k, v in out.items()}
@@ -424,22 +466,24 @@ class DecentOptimWrapper(Optimizer):
 
         That is the round counter, whether a round was in flight, the schedule's fingerprint and this
         rank's parameters (so that resuming works whether the model is loaded before or after the wrapper is
-        built, which broadcasts rank 0's parameters). Everything is a tensor or a plain value, so
-        ``torch.load(..., weights_only=True)`` reads it.
+        built, which broadcasts rank 0's parameters). Between :meth:`global_avg` and
+        :meth:`revert_global_avg` it describes the run that the revert restores. Everything is a tensor or a
+        plain value, so ``torch.load(..., weights_only=True)`` reads it.
         """
         sd = self._optimizer.state_dict()
         sd[_STATE_KEY] = {
-            "round": self._round,
             "world_size": self._world_size,
             "topology": self.topology.name,
             "schedule": self._schedule.digest(),
-            "pending": self._engine.pending or self._relaunch_round is not None,
-            "buckets": [b.flat for b in self._buckets],
+            **self._gossip.state_dict(),
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain one of the inner optimizer)."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"Invalid state_dict of type {type(state_dict).__name__}. Must be a dict from "
+                             "state_dict().")
         state_dict = dict(state_dict)
         own = state_dict.pop(_STATE_KEY, None)
         if own is None:
@@ -448,6 +492,22 @@ class DecentOptimWrapper(Optimizer):
                 "schedule restarts at round 0.", stacklevel=2,
             )
             own = {"round": 0, "world_size": self._world_size, "schedule": self._schedule.digest(), "pending": False}
+        self._validate_own_state(own)
+        self._optimizer.load_state_dict(state_dict)
+        self._gossip.load_state_dict(own)
+
+    def _validate_own_state(self, own: Any) -> None:
+        where = f"state_dict[{_STATE_KEY!r}]"
+        if not isinstance(own, dict):
+            raise ValueError(f"Invalid {where} of type {type(own).__name__}. Must be the dict state_dict() wrote.")
+        missing = [k for k in ("round", "world_size", "schedule", "pending") if k not in own]
+        if missing:
+            raise ValueError(f"Invalid {where}: missing {missing}. Must be the dict state_dict() wrote.")
+        r = own["round"]
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"Invalid {where}['round']={r!r}. Must be an integer >= 0.")
+        if not isinstance(own["pending"], bool):
+            raise ValueError(f"Invalid {where}['pending']={own['pending']!r}. Must be a bool.")
         if own["world_size"] != self._world_size:
             raise ValueError(
                 f"Cannot load a state dict saved with world_size={own['world_size']} into a wrapper with "
@@ -462,50 +522,61 @@ class DecentOptimWrapper(Optimizer):
         saved = own.get("buckets")
         if saved is not None:
             layout = [(b.flat.shape, b.flat.dtype) for b in self._buckets]
-            if [(t.shape, t.dtype) for t in saved] != layout:
-                raise ValueError("Cannot load a state dict whose parameter buckets differ from this wrapper's "
+            if not isinstance(saved, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in saved) \
+                    or [(t.shape, t.dtype) for t in saved] != layout:
+                raise ValueError(f"Invalid {where}['buckets']: they differ from this wrapper's parameter buckets "
                                  "(another model, parameter order or bucket_cap_mb).")
-        self._optimizer.load_state_dict(state_dict)
-        self._engine.detach()  # whatever was in flight belongs to the run being replaced
-        self._backup = None
-        if saved is not None:
-            with torch.no_grad():
-                for b, t in zip(self._buckets, saved):
-                    b.flat.copy_(t)
-        self._round = int(own["round"])
-        self._relaunch_round = self._round - 1 if own["pending"] and self._round > 0 else None
-
-    # ------------------------------------------------------------------ helpers
-    def _agree(self, error: str | None, schedule_digest: str, what: str, buckets: list[Bucket] | None = None) -> None:
-        """Check that all ranks are consistent; every rank raises the same ValueError if they are not."""
-        mine = (error, schedule_digest, layout_digest(self._buckets if buckets is None else buckets))
-        everyone: list[Any] = [None] * self._world_size
-        dist.all_gather_object(everyone, mine, group=self._pg)
-        if error is not None:
-            raise ValueError(error)
-        failed = [(r, e[0]) for r, e in enumerate(everyone) if e[0] is not None]
-        if failed:
-            raise ValueError(f"rank {failed[0][0]} failed while {what}: {failed[0][1]}")
-        if len({e[1] for e in everyone}) != 1:
-            raise ValueError(
-                f"Ranks built different topology schedules while {what} (fingerprints by rank: "
-                f"{[e[1] for e in everyone]}); a custom topology must not depend on anything but rank, "
-                "world_size and local_world_size."
-            )
-        if len({e[2] for e in everyone}) != 1:
-            raise ValueError(
-                f"Ranks hold different parameter layouts while {what} (fingerprints by rank: "
-                f"{[e[2] for e in everyone]}); every rank must build the same model and optimizer, with "
-                "parameters in the same order, shapes and dtypes."
-            )
 
 
-def _resolve_rank_and_world_size(rank: int | None, world_size: int | None,
+_NO_COPY = ("DecentOptimWrapper cannot be copied or pickled: it holds process groups and communication in flight. "
+            "Copy or save its state_dict() instead (and load it into a new wrapper).")
+
+
+class _Checks:
+    """Runs argument checks, keeping the first ``ValueError``'s message instead of raising it."""
+
+    def __init__(self, error: str | None) -> None:
+        self.error = error
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ValueError as exc:
+            if self.error is None:
+                self.error = str(exc)
+            return None
+
+
+def _check_optimizer(optimizer: Any) -> bool:
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError(f"Invalid optimizer of type {type(optimizer).__name__}. Must be a torch.optim.Optimizer.")
+    if isinstance(optimizer, DecentOptimWrapper):
+        raise ValueError("Invalid optimizer: it is already a DecentOptimWrapper; wrap the inner optimizer once.")
+    return True
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}={value!r}. Must be True or False.")
+
+
+def _check_wire_dtype(wire_dtype: Any) -> None:
+    if wire_dtype is not None and wire_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"Invalid wire_dtype={wire_dtype!r}. Must be None, torch.bfloat16, torch.float16 or "
+                         "torch.float32.")
+
+
+def _check_pair_transport(pair_transport: Any) -> None:
+    if pair_transport not in PAIR_TRANSPORTS:
+        raise ValueError(f"Invalid pair_transport={pair_transport!r}. Must be one of {list(PAIR_TRANSPORTS)}.")
+
+
+def _resolve_rank_and_world_size(rank: Any, world_size: Any,
                                  process_group: dist.ProcessGroup | None = None) -> tuple[int, int, str | None]:
-    """The actual (rank, world_size), and an error to share with the other ranks if the arguments disagree."""
-    for name, value in (("rank", rank), ("world_size", world_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"Invalid {name}={value!r}. Must be an int or None.")
+    """The actual (rank, world_size), and an error to share with the other ranks if the arguments are wrong.
+
+    Raises at once only where there is nobody to share it with (no process group, or not a member of it).
+    """
     if process_group is not None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("Invalid process_group: torch.distributed is not initialised.")
@@ -516,14 +587,21 @@ def _resolve_rank_and_world_size(rank: int | None, world_size: int | None,
         if not isinstance(process_group, dist.ProcessGroup):
             raise ValueError(f"Invalid process_group of type {type(process_group).__name__}. Must be a "
                              "torch.distributed ProcessGroup.")
+    error = None
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)) and error is None:
+            error = f"Invalid {name}={value!r}. Must be an int or None."
     if dist.is_available() and dist.is_initialized():
         actual_rank, actual_ws = dist.get_rank(process_group), dist.get_world_size(process_group)
-        error = None
-        if world_size is not None and world_size != actual_ws:
+        if error is None and world_size is not None and world_size != actual_ws:
             error = f"Invalid world_size={world_size}: the process group has {actual_ws} ranks."
-        elif rank is not None and rank != actual_rank:
+        elif error is None and rank is not None and rank != actual_rank:
             error = f"Invalid rank={rank}: this process is rank {actual_rank} of the process group."
+        if error is not None and actual_ws == 1:
+            raise ValueError(error)
         return actual_rank, actual_ws, error
+    if error is not None:
+        raise ValueError(error)
     ws = 1 if world_size is None else world_size
     r = 0 if rank is None else rank
     if ws != 1 or r != 0:
@@ -533,16 +611,6 @@ def _resolve_rank_and_world_size(rank: int | None, world_size: int | None,
             "unset to train in a single process."
         )
     return 0, 1, None
-
-
-def _as_timedelta(timeout: float | timedelta | None) -> timedelta | None:
-    if timeout is None or isinstance(timeout, timedelta):
-        if isinstance(timeout, timedelta) and timeout.total_seconds() <= 0:
-            raise ValueError(f"Invalid timeout={timeout!r}. Must be positive.")
-        return timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"Invalid timeout={timeout!r}. Must be a positive number of seconds, a timedelta or None.")
-    return timedelta(seconds=timeout)
 
 
 def _resolve_local_world_size(local_world_size: int | None) -> int:

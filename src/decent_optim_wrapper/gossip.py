@@ -1,0 +1,415 @@
+"""The life of gossip rounds: one object owns the round counter, the round in flight, the copy held around
+global averaging, and what a checkpoint needs to resume them.
+
+Round ``t`` of the schedule is launched by :meth:`Gossip.launch` (non-blocking) and applied by the next
+:meth:`Gossip.apply`, which waits for it. :meth:`Gossip.average_globally` sets the round in flight aside and
+:meth:`Gossip.revert` puts everything back, so training continues as if global averaging never happened.
+:meth:`Gossip.state_dict` describes the run as :meth:`revert` would restore it.
+
+Every launch sends a stamp on the control plane (see :mod:`~decent_optim_wrapper.comm`); the stamp is
+checked before the round's result is used, and *before its data moves* when the set of buckets changed since
+the previous round (a thaw), so that ranks that disagree never line up data collectives of different sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from loguru import logger
+
+from .buckets import Bucket
+from .comm import GossipError, Op, ProcessGroups, Stamp, StampExchange, digest32, global_rank, wait_all
+from .topo import Group, Schedule
+from .transport import Transport, choose
+
+__all__ = ["Gossip", "CommStats", "next_instance"]
+
+# Point-to-point tags: one range per Gossip object (gloo keeps them apart; NCCL has no tags, and the order of
+# launches, agreed by every rank, is what matches messages there).
+_TAG_BITS = 16
+_instances: dict[Any, int] = {}
+
+
+def _world_key(groups: ProcessGroups) -> Any:
+    return dist.distributed_c10d._get_default_group(), groups.to_global(range(groups.world_size))
+
+
+def next_instance(groups: ProcessGroups) -> int:
+    """The instance number the next :class:`Gossip` over ``groups`` gets (ranks check they agree on it)."""
+    return _instances.get(_world_key(groups), 0)
+
+
+@dataclass(frozen=True)
+class CommStats:
+    """Communication so far: ``rounds`` launched that moved data, ``bytes_sent`` by this rank (parameters
+    only; the stamps are a few dozen bytes a round)."""
+
+    rounds: int = 0
+    bytes_sent: int = 0
+
+
+@dataclass
+class _InFlight:
+    """A launched round whose result is not yet applied: per transport, the buckets it carries."""
+
+    index: int
+    group: Group
+    parts: list[tuple[Transport, list[int]]]
+    works: list[dist.Work]
+    stamp: StampExchange | None
+    settled: bool = False  # communication complete and checked; the result waits in the buffers
+
+
+@dataclass
+class _Held:
+    """What :meth:`Gossip.average_globally` replaced, kept until :meth:`Gossip.revert`."""
+
+    flats: list[torch.Tensor]
+    pending: _InFlight | None
+    relaunch: bool
+    extras: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+class Gossip:
+    """Runs ``schedule`` for one rank over ``buckets``.
+
+    Args:
+        schedule: the validated schedule (every rank holds the same one).
+        rank: this rank in the gossip world (the parent process group of ``groups``).
+        buckets: the parameter buckets; more can be added with :meth:`add_buckets`.
+        groups: the gossip world's process groups.
+        wire_dtype: dtype the values travel in (``None``: the buckets' own, full precision).
+        timeout: how long a wait may block before :class:`GossipError` (``None``: the process group's).
+        check_rounds: exchange stamps (see the module docstring); off, nothing guards against ranks out of step.
+        pair_transport: ``"auto"``, ``"p2p"`` or ``"allreduce"`` for full-precision pairs (see
+            :func:`~decent_optim_wrapper.transport.choose`).
+    """
+
+    def __init__(self, schedule: Schedule, rank: int, buckets: list[Bucket], groups: ProcessGroups | None, *,
+                 wire_dtype: torch.dtype | None = None, timeout: timedelta | None = None,
+                 check_rounds: bool = True, pair_transport: str = "auto") -> None:
+        self.schedule, self.rank, self.buckets, self.groups = schedule, rank, buckets, groups
+        self.wire_dtype, self.timeout, self.check_rounds = wire_dtype, timeout, check_rounds
+        self.pair_transport = pair_transport
+        self.instance = 0
+        if groups is not None:
+            key = _world_key(groups)
+            self.instance = _instances.get(key, 0)
+            _instances[key] = self.instance + 1
+        self.tag = self.instance << _TAG_BITS
+        self.round = 0  # rounds launched: the next launch is round self.round
+        self._stats = CommStats()
+        self._pending: _InFlight | None = None
+        self._relaunch = False  # resumed with a round in flight: run it again before applying
+        self._held: _Held | None = None
+        self._buffers: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self._active = self._active_ids()
+        # Every group this rank belongs to, with its process groups created now (never mid-training): a
+        # full-precision transport, and one for the buckets that travel compressed.
+        self._transports: dict[tuple[tuple[int, ...], bool], Transport] = {}
+        if groups is not None:
+            groups.prepare(self._group_specs())
+        for t in range(schedule.period):
+            group = schedule.group(rank, t)
+            if group.size > 1 and (group.ranks, False) not in self._transports:
+                for compressed in (False, True) if wire_dtype is not None else (False,):
+                    self._transports[group.ranks, compressed] = self._make_transport(group, compressed)
+            logger.debug("rank {} round {}: group {} weight {}", rank, t, list(group.ranks), group.self_weight)
+
+    @classmethod
+    def alone(cls, schedule: Schedule, buckets: list[Bucket]) -> Gossip:
+        """A gossip world of one rank: no process group, nothing ever sent."""
+        return cls(schedule, 0, buckets, None)
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def stats(self) -> CommStats:
+        """Rounds and bytes sent so far (read-only)."""
+        return self._stats
+
+    @property
+    def pending(self) -> bool:
+        """Whether a launched round waits to be applied (or to be re-run after a resume)."""
+        return self._pending is not None or self._relaunch
+
+    @property
+    def held(self) -> bool:
+        """Whether :meth:`average_globally` replaced the parameters and :meth:`revert` can restore them."""
+        return self._held is not None
+
+    def buffer_bytes(self) -> int:
+        """Persistent extra memory: the communication buffers, in bytes."""
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+    def add_buckets(self, buckets: list[Bucket]) -> None:
+        """Average these buckets too, from the next launch on (the list given at construction is extended)."""
+        self.buckets.extend(buckets)
+
+    # ------------------------------------------------------------------ rounds
+    def launch(self, failed: int = 0) -> None:
+        """Start round :attr:`round` without blocking, then count it.
+
+        ``failed`` (a :data:`~decent_optim_wrapper.comm.FAILURES` key) sends only the stamp, so that the
+        peers learn at once why this rank stops; the caller then raises.
+        """
+        if self._pending is not None:
+            raise RuntimeError("Gossip.launch() while a round is in flight; apply() it first.")
+        if _ORPHANS:
+            prune_orphans()
+        t = self.round
+        self.round += 1
+        group = self.schedule.group(self.rank, t)
+        ids = self._active_ids()
+        if group.size == 1 or not ids:
+            return
+        stamp = None
+        if self.check_rounds:
+            flats = [self.buckets[i].flat for i in ids]
+            numel = sum(f.numel() for f in flats)
+            ident = digest32(self.instance, [(str(f.dtype), f.numel()) for f in flats])
+            stamp = self._stamp(Stamp(Op.ROUND, t, numel, ident, failed), group)
+            if ids != self._active and not failed:
+                # The buckets changed (a thaw): the peers must agree before data of another size moves.
+                stamp.verify(self.timeout, f"round {t} with ranks {list(group.ranks)} (after a thaw)")
+                stamp = None
+        if failed:
+            if stamp is not None:
+                _ORPHANS.append((stamp.works, []))
+            return
+        self._active = ids
+        parts: list[tuple[Transport, list[int]]] = []
+        works: list[dist.Work] = []
+        sent = 0
+        for compressed in (False, True):
+            part = [i for i in ids if self._compressed(i) == compressed]
+            if part:
+                transport = self._transports[group.ranks, compressed]
+                flats = [self.buckets[i].flat for i in part]
+                works += transport.launch(flats, part, self._buffer)
+                sent += transport.bytes_sent(flats)
+                parts.append((transport, part))
+        self._stats = CommStats(self._stats.rounds + 1, self._stats.bytes_sent + sent)
+        self._pending = _InFlight(t, group, parts, works, stamp)
+
+    def fail(self, code: int) -> None:
+        """Tell this round's peers that this rank failed (see :meth:`launch`); the round in flight is abandoned."""
+        pending, self._pending, self._relaunch = self._pending, None, False
+        if pending is not None and not pending.settled:
+            _ORPHANS.append((pending.works + (pending.stamp.works if pending.stamp else []), []))
+        self.launch(failed=code)
+
+    def apply(self) -> None:
+        """Wait for the round in flight and write its result into the buckets."""
+        pending = self._settle()
+        if pending is None:
+            return
+        self._pending = None
+        for transport, ids in pending.parts:
+            transport.apply([self.buckets[i].flat for i in ids], ids, self._buffer)
+
+    def _settle(self) -> _InFlight | None:
+        """Wait for the round in flight (re-running it first after a resume) and check its stamp; keep it."""
+        if self._relaunch:
+            self._relaunch = False
+            self.round -= 1
+            self.launch()
+        return self._drain()
+
+    def _drain(self) -> _InFlight | None:
+        """Wait for the round in flight and check its stamp; keep it."""
+        pending = self._pending
+        if pending is None or pending.settled:
+            return pending
+        what = f"averaging round {pending.index} with ranks {list(pending.group.ranks)}"
+        try:
+            if pending.stamp is not None:
+                pending.stamp.verify(self.timeout, what)
+            self._wait_data(pending.works, what)
+        except GossipError:
+            self._pending = None
+            raise
+        pending.settled = True
+        return pending
+
+    def _wait_data(self, works: list[dist.Work], what: str) -> None:
+        if self._stream_ordered:
+            # NCCL: wait() makes the current stream wait; the host never blocks. A dead peer shows in the stamp.
+            for w in works:
+                w.wait()
+        else:
+            wait_all(works, self.timeout, f"rank {self.rank}: {what}")
+
+    @property
+    def _stream_ordered(self) -> bool:
+        """Whether data works complete on a CUDA stream (NCCL) rather than on the host (gloo)."""
+        device = self.buckets[0].flat.device if self.buckets else torch.device("cpu")
+        return self.groups is not None and device.type == "cuda" and "nccl" in self.groups.backend
+
+    # ------------------------------------------------------------------ global averaging
+    def average_globally(self, extras: list[torch.Tensor], may_revert: bool) -> None:
+        """Replace the buckets (and ``extras``) by their mean over all ranks; blocking.
+
+        The round in flight is set aside, not applied. With ``may_revert`` everything replaced is kept
+        until :meth:`revert` (or dropped by :meth:`drop_held`).
+        """
+        pending = self._settle()
+        if may_revert and self._held is None:
+            self._held = _Held([b.flat.clone() for b in self.buckets], pending, False,
+                               [(t, t.clone()) for t in extras])
+        self._pending = None
+        self.global_mean([b.flat for b in self.buckets] + extras, "global_avg")
+
+    def revert(self) -> None:
+        """Undo :meth:`average_globally`: the parameters, ``extras`` and the round in flight come back."""
+        held = self._held
+        if held is None:
+            raise RuntimeError("revert_global_avg() has nothing to revert: call global_avg(may_revert=True) first, "
+                               "and revert before the next step().")
+        self._held = None
+        with torch.no_grad():
+            for b, saved in zip(self.buckets, held.flats):
+                b.flat.copy_(saved)
+            for t, saved in held.extras:
+                t.copy_(saved)
+        self._pending, self._relaunch = held.pending, held.relaunch
+
+    def drop_held(self) -> bool:
+        """Forget what :meth:`average_globally` held (training goes on from the average); whether there was any."""
+        held, self._held = self._held, None
+        return held is not None
+
+    @torch.no_grad()
+    def global_mean(self, tensors: list[torch.Tensor], what: str) -> None:
+        """Replace each tensor by its mean over all ranks of the gossip world (blocking).
+
+        Every rank first confirms on the control plane that all of them are doing this same operation, so a
+        rank that calls it alone fails with :class:`GossipError` instead of lining up with a gossip round.
+        """
+        if self.groups is None:
+            return
+        n = self.groups.world_size
+        self.agree_global(what, [(str(t.dtype), t.numel()) for t in tensors])
+        works = []
+        for t in tensors:
+            t.mul_(1.0 / n)  # scale first, as the rounds do: x/n summed, never a sum that could overflow
+            works.append(dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.groups.parent, async_op=True))
+        self._wait_data(works, what)
+
+    def agree_global(self, what: str, detail: Any) -> None:
+        """Blocking check that every rank of the gossip world is doing ``what`` with the same ``detail``."""
+        if self.groups is None:
+            return
+        ident = digest32(what, detail)
+        stamp = Stamp(Op.GLOBAL, self.round, 0, ident)
+        self._stamp(stamp, None).verify(self.timeout, f"{what} at round {self.round}")
+
+    def control_sum(self, values: list[float]) -> list[float]:
+        """Sum small host values over all ranks on the control plane (after :meth:`agree_global`)."""
+        if self.groups is None:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        wait_all([dist.all_reduce(t, group=self.groups.control(), async_op=True)], self.timeout,
+                 f"rank {self.rank}: summing over ranks")
+        return t.tolist()
+
+    def _stamp(self, stamp: Stamp, group: Group | None) -> StampExchange:
+        assert self.groups is not None  # only called with a process group (world size > 1)
+        ranks = tuple(range(self.groups.world_size)) if group is None else group.ranks
+        if len(ranks) == 2:
+            peer = ranks[0] if ranks[1] == self.rank else ranks[1]
+            return StampExchange(stamp, self.rank, ranks, self.groups.control(),
+                                 global_rank(self.groups.parent, peer), self.tag)
+        return StampExchange(stamp, self.rank, ranks, self.groups.control(ranks), None, self.tag)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The round counter, whether a round was in flight, and the buckets, as :meth:`revert` would leave them."""
+        held = self._held
+        if held is not None:
+            return {"round": self.round, "pending": held.pending is not None or held.relaunch,
+                    "buckets": list(held.flats)}
+        return {"round": self.round, "pending": self.pending, "buckets": [b.flat for b in self.buckets]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (already validated by the caller): a round that was in flight is run
+        again from the saved buckets on the next :meth:`apply`, which reproduces its result exactly."""
+        # Whatever was in flight belongs to the run being replaced, but its messages must land before its buffers
+        # are used again (and gloo must never see an in-flight point-to-point operation destroyed).
+        self._drain()
+        self._pending, self._held = None, None
+        with torch.no_grad():
+            for b, t in zip(self.buckets, state.get("buckets") or []):
+                b.flat.copy_(t)
+        self.round = int(state["round"])
+        self._relaunch = bool(state["pending"]) and self.round > 0
+
+    # ------------------------------------------------------------------ helpers
+    def _active_ids(self) -> list[int]:
+        return [i for i, b in enumerate(self.buckets) if not b.frozen]
+
+    def _group_specs(self) -> list[tuple[tuple[int, ...], str]]:
+        """Every process group the schedule needs, on any rank, in one order (the same on every rank)."""
+        assert self.groups is not None
+        device = self.buckets[0].flat.device if self.buckets else torch.device("cpu")
+        specs: list[tuple[tuple[int, ...], str]] = [(tuple(range(self.groups.world_size)), "control")]
+        for groups in self.schedule.rounds:
+            for g in sorted(groups, key=lambda g: g.ranks):
+                if g.size < 2:
+                    continue
+                for wire in (None, self.wire_dtype) if self.wire_dtype is not None else (None,):
+                    if not choose(g, self.groups.backend, device, wire, self.pair_transport).point_to_point:
+                        specs.append((g.ranks, "data"))
+                if g.size > 2 and self.check_rounds:
+                    specs.append((g.ranks, "control"))
+        return list(dict.fromkeys(specs))
+
+    def _compressed(self, i: int) -> bool:
+        """Whether bucket ``i`` travels in the wire dtype (only where that dtype is narrower than its own)."""
+        flat = self.buckets[i].flat
+        return self.wire_dtype is not None and \
+            torch.empty((), dtype=self.wire_dtype).element_size() < flat.element_size()
+
+    def _make_transport(self, group: Group, compressed: bool) -> Transport:
+        assert self.groups is not None
+        device = self.buckets[0].flat.device if self.buckets else torch.device("cpu")
+        wire = self.wire_dtype if compressed else None
+        cls = choose(group, self.groups.backend, device, wire, self.pair_transport)
+        peer = None
+        if group.size == 2:
+            other = group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1]
+            peer = global_rank(self.groups.parent, other)
+        # Point-to-point goes on the gossip world's group (peers addressed by global rank); collectives on the
+        # group's own.
+        pg = self.groups.parent if cls.point_to_point else self.groups.data(group.ranks)
+        return cls(group, self.rank, pg, peer, self.tag, wire)
+
+    def _buffer(self, i: int, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (i, slot, dtype)
+        buf = self._buffers.get(key)
+        if buf is None:
+            flat = self.buckets[i].flat
+            buf = self._buffers[key] = torch.empty(flat.numel(), dtype=dtype, device=flat.device)
+        return buf
+
+    def __del__(self) -> None:
+        # gloo breaks every later exchange between two ranks if an in-flight point-to-point Work is destroyed,
+        # so a round still in flight when its owner goes away is kept alive until it completes.
+        pending = getattr(self, "_pending", None)
+        if pending is not None and not pending.settled:
+            try:
+                works = pending.works + (pending.stamp.works if pending.stamp is not None else [])
+                _ORPHANS.append((works, list(self._buffers.values()) + [b.flat for b in self.buckets]))
+            except Exception:  # interpreter shutdown: module globals may already be gone
+                pass
+
+
+_ORPHANS: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
+
+
+def prune_orphans() -> None:
+    """Forget orphaned rounds whose communication has completed."""
+    _ORPHANS[:] = [o for o in _ORPHANS if not all(w.is_completed() for w in o[0])]

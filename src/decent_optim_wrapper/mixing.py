@@ -1,0 +1,95 @@
+"""The arithmetic of one gossip round: pure functions over tensors, no communication.
+
+A round puts rank ``i`` in a group ``G`` of ``k`` ranks with self-weight ``w`` and peer weight
+``c = (1-w)/(k-1)`` (uniform averaging: ``w = c = 1/k``). Every member computes
+
+    x_i <- w * x_i + c * sum_{j in G, j != i} x_j
+
+**Full precision** (the values travel as they are):
+
+* a pair, from the peer's values ``y``: :func:`pair_mix_` computes ``x*w + y*(1-w)``;
+* a group, from a SUM all-reduce of ``c * x_j``: :func:`scale_for_sum` prepares the buffer, :func:`group_mix_`
+  applies the sum (uniform weights: the sum *is* the result, decent-optim-wrapper 0.1's arithmetic).
+
+With uniform weights both forms give the same bits for a pair (``0.5*x + 0.5*y``: the scalings are exact and
+the addition commutes), so a pair may travel either way.
+
+**Compressed** (the values travel rounded to a wire dtype, ``q_j = Q(x_j)``): the naive
+``x_i <- w*x_i + c*sum q_j`` moves the global mean by the rounding errors and cannot move ``x_i`` by less than
+half a wire ulp. The symmetric correction
+
+    x_i <- x_i + c * sum_{j != i} (q_j - q_i) = x_i + c * (S - k*q_i),   S = sum_{j in G} q_j
+
+changes the sum over the group by nothing but the rounding of the final additions (the corrections of the
+members cancel), and members whose values round alike get a zero correction. ``S`` and ``k*q_i`` are exact in
+float32 for bfloat16/float16 values of similar magnitude (8 or 11 significant bits, k far below 2^13), so
+every member computes the same ``S`` whatever the order. :func:`compressed_mix_` implements it for pairs
+and groups alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["pair_mix_", "scale_for_sum", "group_mix_", "quantize", "compressed_mix_", "COMPRESSED_CHUNK"]
+
+# Elements per chunk of the compressed mix: bounds its float32 scratch to 16 MiB whatever the bucket size
+# (a bucket-sized temporary every round costs page faults on the CPU and memory on the GPU).
+COMPRESSED_CHUNK = 1 << 22
+
+
+@torch.no_grad()
+def pair_mix_(x: torch.Tensor, peer: torch.Tensor, self_weight: float) -> torch.Tensor:
+    """``x <- self_weight * x + (1 - self_weight) * peer``, in place; returns ``x``."""
+    return x.mul_(self_weight).add_(peer, alpha=1.0 - self_weight)
+
+
+@torch.no_grad()
+def scale_for_sum(x: torch.Tensor, peer_weight: float, out: torch.Tensor) -> torch.Tensor:
+    """``out <- peer_weight * x``: what a member contributes to the group's SUM all-reduce.
+
+    Scaling before summing (never summing first) keeps the sum in range for low-precision dtypes.
+    """
+    return torch.mul(x, peer_weight, out=out)
+
+
+@torch.no_grad()
+def group_mix_(x: torch.Tensor, summed: torch.Tensor, self_weight: float, peer_weight: float) -> torch.Tensor:
+    """``x <- (self_weight - peer_weight) * x + summed``, where ``summed = sum_j peer_weight * x_j``.
+
+    Uniform weights (``self_weight == peer_weight``): ``x <- summed`` exactly, no arithmetic.
+    """
+    if self_weight == peer_weight:
+        return x.copy_(summed)
+    return x.mul_(self_weight - peer_weight).add_(summed)
+
+
+@torch.no_grad()
+def quantize(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out <- Q(x)``: ``x`` rounded to nearest in ``out``'s dtype (the wire dtype)."""
+    return out.copy_(x)
+
+
+@torch.no_grad()
+def compressed_mix_(x: torch.Tensor, q_self: torch.Tensor, q_group: Sequence[torch.Tensor],
+                    peer_weight: float) -> torch.Tensor:
+    """``x <- x + peer_weight * (sum(q_group) - k * q_self)``, in place; returns ``x``.
+
+    ``q_group`` holds ``Q(x_j)`` of every member ``j`` (this rank's ``q_self`` included), ``k = len(q_group)``.
+    The difference is formed in ``x``'s dtype before it is scaled and added once, so equal quantised values
+    leave ``x`` untouched.
+    """
+    k = len(q_group)
+    n = x.numel()
+    scratch = torch.empty(min(n, COMPRESSED_CHUNK), dtype=x.dtype, device=x.device)
+    for start in range(0, n, COMPRESSED_CHUNK):
+        size = min(COMPRESSED_CHUNK, n - start)
+        s = scratch[:size]
+        s.copy_(q_group[0][start:start + size])
+        for q in q_group[1:]:
+            s.add_(q[start:start + size])
+        s.sub_(q_self[start:start + size], alpha=k)
+        x[start:start + size].add_(s, alpha=peer_weight)
+    return x

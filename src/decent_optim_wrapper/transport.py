@@ -1,0 +1,193 @@
+"""Transports: how one group's buckets travel in a round, and which mixing arithmetic turns them into the result.
+
+Every transport has the same small interface: :meth:`Transport.launch` prepares and starts the
+communication of a round for a list of buckets (non-blocking) and :meth:`Transport.apply` writes the mix
+into the buckets once the communication is complete. The arithmetic lives in :mod:`~decent_optim_wrapper.mixing`.
+
+=================  =========================================================================  =================
+transport          what travels                                                               mixing
+=================  =========================================================================  =================
+``P2PPair``        a pair swaps its buckets point to point (sent as they are, nothing to      ``pair_mix_``
+                   prepare; the peer's lands in a buffer)
+``AllReducePair``  a pair, or any group: ``c*x`` summed by an all-reduce                      ``group_mix_``
+``P2PPairQ``       a pair swaps its buckets rounded to the wire dtype                         ``compressed_mix_``
+``AllGatherQ``     a group gathers every member's rounded bucket (the sum is then formed      ``compressed_mix_``
+                   in full precision, identically on every member)
+=================  =========================================================================  =================
+
+Which one a group gets is :func:`choose` 's decision, per backend and device (see there for the figures).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .mixing import compressed_mix_, group_mix_, pair_mix_, quantize, scale_for_sum
+from .topo import Group
+
+__all__ = ["Transport", "P2PPair", "AllReducePair", "P2PPairQ", "AllGatherQ", "choose", "PAIR_TRANSPORTS"]
+
+# A buffer of the gossip state: (bucket index, slot, dtype) -> tensor the size of the bucket.
+BufferFn = Callable[[int, int, torch.dtype], torch.Tensor]
+
+PAIR_TRANSPORTS = ("auto", "p2p", "allreduce")
+
+
+class Transport(ABC):
+    """Moves one round's data for one group of ranks and applies the mix.
+
+    Args:
+        group: this round's group (ranks of the gossip world) with its weights.
+        rank: this process's rank in the gossip world.
+        pg: the data process group of the group (point-to-point transports use the gossip world's group).
+        peer: the peer's default-group rank, for point-to-point pairs.
+        tag: base tag of point-to-point messages (gloo keeps tags apart; NCCL ignores them and relies on
+            every rank issuing its exchanges in the same order, which the callers guarantee).
+    """
+
+    point_to_point = False  # True: addresses the peer by global rank on the gossip world's group
+
+    def __init__(self, group: Group, rank: int, pg: dist.ProcessGroup | None, peer: int | None = None,
+                 tag: int = 0, wire_dtype: torch.dtype | None = None) -> None:
+        self.group, self.rank, self.pg, self.peer, self.tag, self.wire_dtype = group, rank, pg, peer, tag, wire_dtype
+
+    @abstractmethod
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
+        """Prepare and start the communication for buckets ``flats`` (``ids``: their indices for ``buffer``)."""
+
+    @abstractmethod
+    def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
+        """Write the mix into ``flats``; the communication has completed."""
+
+    @abstractmethod
+    def bytes_sent(self, flats: list[torch.Tensor]) -> int:
+        """Bytes this rank sends for the round (ring all-reduce and all-gather: the usual 2(k-1)/k, (k-1)/k)."""
+
+
+class P2PPair(Transport):
+    """A pair swaps its buckets point to point; the bucket is sent as it is (nothing writes it before the
+    next step waits for the send)."""
+
+    point_to_point = True
+
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
+        ops = []
+        for flat, i in zip(flats, ids):
+            recv = buffer(i, 0, flat.dtype)
+            ops += [dist.P2POp(dist.isend, flat, self.peer, self.pg, tag=self.tag + i),  # type: ignore[arg-type]
+                    dist.P2POp(dist.irecv, recv, self.peer, self.pg, tag=self.tag + i)]  # type: ignore[arg-type]
+        return dist.batch_isend_irecv(ops)
+
+    def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
+        for flat, i in zip(flats, ids):
+            pair_mix_(flat, buffer(i, 0, flat.dtype), self.group.self_weight)
+
+    def bytes_sent(self, flats: list[torch.Tensor]) -> int:
+        return sum(f.numel() * f.element_size() for f in flats)
+
+
+class AllReducePair(Transport):
+    """``c*x`` summed over the group by an all-reduce (any group size; a pair over a 2-member group)."""
+
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
+        works = []
+        for flat, i in zip(flats, ids):
+            buf = scale_for_sum(flat, self.group.peer_weight, buffer(i, 0, flat.dtype))
+            works.append(dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.pg, async_op=True))
+        return works
+
+    def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
+        for flat, i in zip(flats, ids):
+            group_mix_(flat, buffer(i, 0, flat.dtype), self.group.self_weight, self.group.peer_weight)
+
+    def bytes_sent(self, flats: list[torch.Tensor]) -> int:
+        k = self.group.size
+        return sum(f.numel() * f.element_size() for f in flats) * 2 * (k - 1) // k
+
+
+class P2PPairQ(Transport):
+    """A pair swaps its buckets rounded to the wire dtype (slot 0: this rank's, slot 1: the peer's)."""
+
+    point_to_point = True
+
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
+        ops = []
+        wire = self.wire_dtype
+        assert wire is not None  # set by choose() for every compressed transport
+        for flat, i in zip(flats, ids):
+            mine = quantize(flat, buffer(i, 0, wire))
+            ops += [dist.P2POp(dist.isend, mine, self.peer, self.pg, tag=self.tag + i),  # type: ignore[arg-type]
+                    dist.P2POp(dist.irecv, buffer(i, 1, wire), self.peer, self.pg,  # type: ignore[arg-type]
+                               tag=self.tag + i)]
+        return dist.batch_isend_irecv(ops)
+
+    def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
+        wire = self.wire_dtype
+        assert wire is not None
+        for flat, i in zip(flats, ids):
+            mine, theirs = buffer(i, 0, wire), buffer(i, 1, wire)
+            compressed_mix_(flat, mine, [mine, theirs], self.group.peer_weight)
+
+    def bytes_sent(self, flats: list[torch.Tensor]) -> int:
+        size = torch.empty((), dtype=self.wire_dtype).element_size()
+        return sum(f.numel() for f in flats) * size
+
+
+class AllGatherQ(Transport):
+    """Every member's bucket, rounded to the wire dtype, gathered on every member (slot j: member j's)."""
+
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
+        wire = self.wire_dtype
+        assert wire is not None
+        me = self.group.ranks.index(self.rank)
+        works = []
+        for flat, i in zip(flats, ids):
+            slots = [buffer(i, j, wire) for j in range(self.group.size)]
+            quantize(flat, slots[me])
+            works.append(dist.all_gather(slots, slots[me], group=self.pg, async_op=True))
+        return works
+
+    def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
+        wire = self.wire_dtype
+        assert wire is not None
+        me = self.group.ranks.index(self.rank)
+        for flat, i in zip(flats, ids):
+            slots = [buffer(i, j, wire) for j in range(self.group.size)]
+            compressed_mix_(flat, slots[me], slots, self.group.peer_weight)
+
+    def bytes_sent(self, flats: list[torch.Tensor]) -> int:
+        size = torch.empty((), dtype=self.wire_dtype).element_size()
+        k = self.group.size
+        return sum(f.numel() for f in flats) * size * (k - 1)  # ring all-gather: every member's piece, once
+
+
+def choose(group: Group, backend: str, device: torch.device, wire_dtype: torch.dtype | None,
+           pair_transport: str = "auto") -> type[Transport]:
+    """The transport for a group of two or more ranks.
+
+    * Pairs on gloo with CPU tensors: point to point (fewer passes over memory: nothing to scale before
+      sending). Measured: see ``benchmarks/README.md``.
+    * Pairs with CUDA tensors on gloo: gloo has no point-to-point for CUDA tensors (it aborts the process),
+      so they use the collectives.
+    * Pairs on NCCL: point to point (one exchange each way, no scaling pass; a 2-rank all-reduce moves the
+      same bytes in two phases).
+    * Larger groups: an all-reduce of ``c*x`` in full precision; with a wire dtype, an all-gather of the
+      rounded values (a low-precision all-reduce would round the sum itself, and the mean would drift).
+
+    ``pair_transport`` (``"p2p"`` or ``"allreduce"``) overrides the choice for full-precision pairs.
+    """
+    if pair_transport not in PAIR_TRANSPORTS:
+        raise ValueError(f"Invalid pair_transport={pair_transport!r}. Must be one of {PAIR_TRANSPORTS}.")
+    p2p_ok = not (device.type == "cuda" and "nccl" not in backend)
+    if group.size == 2 and p2p_ok:
+        if wire_dtype is not None:
+            return P2PPairQ
+        if pair_transport != "allreduce":
+            return P2PPair
+    if wire_dtype is not None:
+        return AllGatherQ
+    return AllReducePair
