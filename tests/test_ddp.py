@@ -292,3 +292,61 @@ def test_ddp_world_size_one_equals_bare_optimizer() -> None:
         criterion(ddp(x), y).backward()
     for a, b in zip(bare.parameters(), ddp.module.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- bucket order across ranks
+class ThreeParams(nn.Module):
+    """Three equal-sized parameters; the forward may skip ``b`` (a rank whose data does not use it)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(4, dtype=dtype))
+        self.b = nn.Parameter(torch.zeros(4, dtype=dtype))
+        self.c = nn.Parameter(torch.zeros(4, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, skip_b: bool) -> torch.Tensor:
+        out = x * self.a.sum() + x * self.c.sum()
+        return out if skip_b else out + x * self.b.sum()
+
+
+LOCAL_3 = 3  # alternating-exp-ring on 3 ranks: one node of three
+
+
+def _skipped_parameter(rank: int, world_size: int, topology: str, dtype: torch.dtype, iterations: int) -> list:
+    model = ThreeParams(dtype)
+    # one bucket per parameter, all of the same size; lr 0 isolates the averaging
+    ddp = DecentralizedDataParallel(model, lambda ps: torch.optim.SGD([p for _, p in ps], lr=0.0),
+                                    topology=topology, bucket_size_in_mb=1e-6, local_world_size=LOCAL_3, timeout=30)
+    assert len(ddp.optimizers) == 3
+    with torch.no_grad():  # after construction, which broadcasts rank 0's values
+        model.a.fill_(100 + rank)
+        model.b.fill_(200 + rank)
+        model.c.fill_(300 + rank)
+    x = torch.ones(2, dtype=dtype)
+    for _ in range(iterations):
+        ddp(x, skip_b=rank == 2).sum().backward()  # rank 2's b gets no gradient
+    ddp(x, skip_b=rank == 2)  # the next forward steps the buckets still open
+    return [model.a[0].item(), model.b[0].item(), model.c[0].item()]
+
+
+def test_buckets_ready_in_different_orders_are_not_mixed_complete() -> None:
+    # The reliability report's repro: 3 ranks, complete, rank 2 skips b. One round applied: the means, up to
+    # float32 rounding of x/3 (mixing b with a, as before the fix, gave 134.33 and 167.67).
+    for values in run_ranks(_skipped_parameter, 3, "complete", torch.float32, 2):
+        assert values == pytest.approx([101.0, 201.0, 301.0], abs=2e-5, rel=0)
+
+
+@pytest.mark.parametrize("topology", ["ring", "one-peer-exp", "alternating-exp-ring", "torus", "complete"])
+def test_buckets_ready_in_different_orders_are_not_mixed(topology: str) -> None:
+    from decent_optim_wrapper.analysis import mixing_matrix
+    from decent_optim_wrapper.topo import TopologyFactory
+
+    iterations = 4
+    results = run_ranks(_skipped_parameter, 3, topology, torch.float64, iterations)
+    schedule = TopologyFactory.create(topology, 0, 3, LOCAL_3).schedule()
+    x = torch.arange(3, dtype=torch.float64)
+    for t in range(iterations - 1):  # the last iteration's rounds are launched, not yet applied
+        x = mixing_matrix(schedule, t) @ x
+    for base, column in zip((100, 200, 300), zip(*results)):
+        # every bucket went through the same rounds: base + (W x)_rank, to float64 rounding
+        torch.testing.assert_close(torch.tensor(column, dtype=torch.float64), base + x, rtol=0, atol=1e-12)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from loguru import logger
 
 __all__ = ["GossipError", "Op", "Stamp", "StampExchange", "ProcessGroups", "global_rank", "as_timeout",
-           "wait_all", "digest32", "agree"]
+           "wait_all", "digest32", "agree", "Checks"]
 
 
 class GossipError(RuntimeError):
@@ -222,6 +222,22 @@ class ProcessGroups:
             self._cache[key] = dist.new_group(list(global_ranks), backend=backend,
                                               use_local_synchronization=not everyone)
         return self._cache[key]
+
+
+class Checks:
+    """Runs argument checks, keeping the first ``ValueError``'s message instead of raising it (so that it can
+    be shared with the other ranks by :func:`agree` before anyone raises)."""
+
+    def __init__(self, error: str | None) -> None:
+        self.error = error
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ValueError as exc:
+            if self.error is None:
+                self.error = str(exc)
+            return None
 
 
 def agree(groups: ProcessGroups, rank: int, what: str, error: str | None,

@@ -18,6 +18,8 @@ from loguru import logger
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .buckets import check_bucket_cap
+from .comm import Checks, ProcessGroups, agree, as_timeout, digest32
 from .wrapper import DecentOptimWrapper
 
 __all__ = ["DecentralizedDataParallel", "OPTIM_FN_TYPE", "LR_SCHEDULER_FN_TYPE"]
@@ -51,54 +53,58 @@ class DecentralizedDataParallel(nn.Module):
                  topology: str = "complete", scaler: torch.amp.GradScaler | None = None, grad_clip_norm: float = 0.0,
                  sync_buffer_in_global_avg: bool = False, bucket_size_in_mb: float = 25,
                  local_world_size: int | None = None, timeout: float | None = None,
-                 process_group: torch.distributed.ProcessGroup | None = None) -> None:
+                 process_group: torch.distributed.ProcessGroup | None = None,
+                 wire_dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"Invalid model of type {type(model).__name__}. Must be a torch.nn.Module.")
-        if not callable(optim_fn):
-            raise ValueError(f"Invalid optim_fn={optim_fn!r}. Must be callable: optim_fn(named_params) -> Optimizer.")
-        if lr_scheduler_fn is not None and not callable(lr_scheduler_fn):
-            raise ValueError(f"Invalid lr_scheduler_fn={lr_scheduler_fn!r}. Must be callable or None.")
-        if isinstance(grad_clip_norm, bool) or not isinstance(grad_clip_norm, (int, float)) or grad_clip_norm < 0:
-            raise ValueError(f"Invalid grad_clip_norm={grad_clip_norm!r}. Must be a number >= 0 (0: no clipping).")
-        if isinstance(bucket_size_in_mb, bool) or not isinstance(bucket_size_in_mb, (int, float)) \
-                or not bucket_size_in_mb > 0:
-            raise ValueError(f"Invalid bucket_size_in_mb={bucket_size_in_mb!r}. Must be a number > 0.")
+        # Every argument is checked, and every bucket's optimizer built, before the first collective; the
+        # verdict is shared, so a problem on one rank raises the same ValueError on all of them.
+        checks = Checks(None)
+        checks.run(_check_model, model)
+        checks.run(_check_callable, "optim_fn", optim_fn, "optim_fn(named_params) -> Optimizer")
+        if lr_scheduler_fn is not None:
+            checks.run(_check_callable, "lr_scheduler_fn", lr_scheduler_fn, "lr_scheduler_fn(optimizer) -> scheduler")
+        checks.run(_check_grad_clip_norm, grad_clip_norm)
+        checks.run(check_bucket_cap, bucket_size_in_mb, "bucket_size_in_mb")
         self.module = model
         self._scaler = scaler
-        self._grad_clip_norm = float(grad_clip_norm)
+        self._grad_clip_norm = float(grad_clip_norm) if checks.error is None else 0.0
         self._sync_buffers = sync_buffer_in_global_avg
         self._accumulating = False
         self._accumulated = False  # a backward ran while accumulating: set_accumulate_grad(False) steps
-        self._iteration_open = False  # some bucket stepped in this iteration; the rest must follow
+        self._iteration_open = False  # a gradient arrived in this iteration; every bucket must step
 
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("Invalid model: it has no parameters with requires_grad=True.")
-        # Reverse registration order approximates the order in which backward produces the gradients.
-        cap = bucket_size_in_mb * 2**20
-        chunks: list[list[tuple[str, Tensor]]] = [[]]
-        size = 0
-        for name, p in reversed(named):
-            nbytes = p.numel() * p.element_size()
-            if chunks[-1] and size + nbytes > cap:
-                chunks.append([])
-                size = 0
-            chunks[-1].append((name, p))
-            size += nbytes
+        chunks = _bucket_plan(model, bucket_size_in_mb) if checks.error is None else []
+        inners: list[Optimizer] = []
+        for chunk in chunks:
+            inner = checks.run(_build_inner, optim_fn, chunk)
+            if inner is None:
+                break
+            inners.append(inner)
+        dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if dist_on and torch.distributed.get_world_size(process_group) > 1:
+            agree(ProcessGroups(process_group), torch.distributed.get_rank(process_group),
+                  "constructing DecentralizedDataParallel", checks.error, {
+                      "model": (digest32([[(n, tuple(p.shape), str(p.dtype)) for n, p in c] for c in chunks]),
+                                "hold different models or bucket plans",
+                                "every rank must wrap the same model with the same bucket_size_in_mb"),
+                  }, as_timeout(timeout) if checks.error is None else None)
+        elif checks.error is not None:
+            raise ValueError(checks.error)
+
         self._optimizers: list[DecentOptimWrapper] = []
         self._schedulers: list[Any] = []
-        for chunk in chunks:
-            inner = optim_fn(chunk)
-            if not isinstance(inner, Optimizer):
-                raise ValueError(f"Invalid optim_fn: it returned {type(inner).__name__}, not a torch.optim.Optimizer.")
+        for inner in inners:
             wrapper = DecentOptimWrapper(inner, local_world_size=local_world_size, topology=topology,
-                                         bucket_cap_mb=float("inf"), timeout=timeout, process_group=process_group)
+                                         bucket_cap_mb=float("inf"), timeout=timeout, process_group=process_group,
+                                         wire_dtype=wire_dtype)
             self._optimizers.append(wrapper)
             self._schedulers.append(lr_scheduler_fn(wrapper) if lr_scheduler_fn is not None else None)
         self._bucket_params: list[list[Tensor]] = [[p for _, p in chunk] for chunk in chunks]
         self._ready = [0] * len(chunks)
-        self._stepped = [False] * len(chunks)
+        # Buckets step strictly in index order, on every rank: a bucket whose gradients are ready out of turn
+        # waits for the ones before it (as torch's reducer does), so that every rank issues its buckets'
+        # rounds in the same order. NCCL matches messages by order alone, and so do collectives on gloo.
+        self._next = 0
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._make_hook(i))
             for i, params in enumerate(self._bucket_params) for p in params
@@ -128,17 +134,19 @@ class DecentralizedDataParallel(nn.Module):
             if self._accumulating:
                 self._accumulated = True
                 return
+            self._iteration_open = True
             self._ready[bucket] += 1
-            if self._ready[bucket] == len(self._bucket_params[bucket]) and not self._stepped[bucket]:
-                self._step_bucket(bucket)
-                if all(self._stepped):
-                    self._close_iteration()
+            # Step every bucket whose turn has come and whose gradients are all there.
+            while self._next < len(self._ready) and self._ready[self._next] == len(self._bucket_params[self._next]):
+                self._step_bucket(self._next)
+            if self._next == len(self._ready):
+                self._close_iteration()
 
         return hook
 
     @torch.no_grad()
     def _step_bucket(self, i: int) -> None:
-        self._iteration_open = True
+        assert i == self._next  # buckets step in index order, always
         opt = self._optimizers[i]
         if self._scaler is not None:
             if self._grad_clip_norm > 0:
@@ -152,24 +160,23 @@ class DecentralizedDataParallel(nn.Module):
         opt.zero_grad()
         if self._schedulers[i] is not None:
             self._schedulers[i].step()
-        self._stepped[i] = True
+        self._next += 1
 
     def _close_iteration(self) -> None:
         if self._scaler is not None:
             self._scaler.update()
         self._ready = [0] * len(self._ready)
-        self._stepped = [False] * len(self._stepped)
+        self._next = 0
         self._iteration_open = False
 
     def _flush(self) -> None:
-        """Step the buckets an open iteration has not stepped yet."""
+        """Step, in order, the buckets an open iteration has not stepped yet."""
         if self._iteration_open:
             self._finish_iteration()
 
     def _finish_iteration(self) -> None:
-        for i, done in enumerate(self._stepped):
-            if not done:
-                self._step_bucket(i)
+        while self._next < len(self._ready):
+            self._step_bucket(self._next)
         self._close_iteration()
 
     def set_accumulate_grad(self, enable: bool = True) -> None:
@@ -229,3 +236,47 @@ class DecentralizedDataParallel(nn.Module):
         for sched, sd in zip(self._schedulers, state["schedulers"]):
             if sched is not None and sd is not None:
                 sched.load_state_dict(sd)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"Invalid model of type {type(model).__name__}. Must be a torch.nn.Module.")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("Invalid model: it has no parameters with requires_grad=True.")
+
+
+def _check_callable(name: str, fn: Any, form: str) -> None:
+    if not callable(fn):
+        raise ValueError(f"Invalid {name}={fn!r}. Must be callable: {form}.")
+
+
+def _check_grad_clip_norm(grad_clip_norm: Any) -> None:
+    if isinstance(grad_clip_norm, bool) or not isinstance(grad_clip_norm, (int, float)) or grad_clip_norm < 0:
+        raise ValueError(f"Invalid grad_clip_norm={grad_clip_norm!r}. Must be a number >= 0 (0: no clipping).")
+
+
+def _bucket_plan(model: nn.Module, bucket_size_in_mb: float) -> list[list[tuple[str, Tensor]]]:
+    """The trainable parameters in buckets of about ``bucket_size_in_mb``, in reverse registration order
+    (roughly the order in which backward produces their gradients)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    cap = bucket_size_in_mb * 2**20
+    chunks: list[list[tuple[str, Tensor]]] = [[]]
+    size = 0
+    for name, p in reversed(named):
+        nbytes = p.numel() * p.element_size()
+        if chunks[-1] and size + nbytes > cap:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((name, p))
+        size += nbytes
+    return chunks
+
+
+def _build_inner(optim_fn: OPTIM_FN_TYPE, chunk: list[tuple[str, Tensor]]) -> Optimizer:
+    try:
+        inner = optim_fn(chunk)
+    except Exception as exc:  # shared with the other ranks, which would otherwise wait for this one
+        raise ValueError(f"Invalid optim_fn: it raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(inner, Optimizer):
+        raise ValueError(f"Invalid optim_fn: it returned {type(inner).__name__}, not a torch.optim.Optimizer.")
+    return inner

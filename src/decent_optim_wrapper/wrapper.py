@@ -16,7 +16,7 @@ from loguru import logger
 from torch.optim import Optimizer
 
 from .buckets import Bucket, build_buckets, check_bucket_cap, check_params, check_views, describe_params
-from .comm import ProcessGroups, agree, as_timeout, digest32, global_rank
+from .comm import Checks, ProcessGroups, agree, as_timeout, digest32, global_rank
 from .gossip import CommStats, Gossip, next_instance
 from .reinit import build_lr_scheduler, build_optimizer, validate_lr_scheduler_config
 from .topo import Schedule, Topology, TopologyFactory
@@ -84,7 +84,7 @@ class DecentOptimWrapper(Optimizer):
         self._pg = process_group
         # Every argument is checked before the first collective; a problem on one rank is shared with all
         # of them, so every rank raises the same ValueError and none is left waiting.
-        checks = _Checks(error)
+        checks = Checks(error)
         params: list[torch.Tensor] = []
         if checks.run(_check_optimizer, optimizer):
             params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -530,21 +530,6 @@ class DecentOptimWrapper(Optimizer):
 
 _NO_COPY = ("DecentOptimWrapper cannot be copied or pickled: it holds process groups and communication in flight. "
             "Copy or save its state_dict() instead (and load it into a new wrapper).")
-
-
-class _Checks:
-    """Runs argument checks, keeping the first ``ValueError``'s message instead of raising it."""
-
-    def __init__(self, error: str | None) -> None:
-        self.error = error
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except ValueError as exc:
-            if self.error is None:
-                self.error = str(exc)
-            return None
 
 
 def _check_optimizer(optimizer: Any) -> bool:
