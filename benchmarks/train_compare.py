@@ -10,6 +10,7 @@ download), each worker on its own shard, with AdamW and these ways of keeping th
     ring           DecentOptimWrapper, topology "ring"
     one-peer-exp   DecentOptimWrapper, topology "one-peer-exp"
     complete       DecentOptimWrapper, topology "complete" (parameter all-reduce every step)
+    ring+bf16      the same with wire_dtype=torch.bfloat16: half the bytes on the wire (also one-peer-exp+bf16)
     local          no communication at all (each worker alone; averaged only for evaluation)
 
 It launches the workers itself (gloo on CPU; NCCL when every worker can have its own GPU) and writes, under
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 from decent_optim_wrapper import DecentOptimWrapper
 from decent_optim_wrapper.launch import run_local, shared_counter
 
-METHODS = ["ddp", "ring", "one-peer-exp", "complete", "local"]
+METHODS = ["ddp", "ring", "one-peer-exp", "complete", "ring+bf16", "one-peer-exp+bf16", "local"]
+WIRE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -94,8 +96,9 @@ def _worker(rank: int, world_size: int, method: str, cfg: dict[str, Any], progre
         model = torch.nn.parallel.DistributedDataParallel(inner_model)
     adamw = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     opt: torch.optim.Optimizer = adamw
-    if method in ("ring", "one-peer-exp", "complete"):
-        opt = DecentOptimWrapper(adamw, topology=method, timeout=300)
+    topology, _, wire = method.partition("+")
+    if topology in ("ring", "one-peer-exp", "complete"):
+        opt = DecentOptimWrapper(adamw, topology=topology, timeout=300, wire_dtype=WIRE.get(wire))
 
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
     losses, consensus, iter_times, step_times = [], [], [], []
@@ -197,12 +200,12 @@ def summarise(method: str, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'method':<14}{'acc(avg)':>9}{'acc(w0)':>9}{'loss':>8}{'consensus':>11}{'iter ms':>9}"
+    head = (f"{'method':<18}{'acc(avg)':>9}{'acc(w0)':>9}{'loss':>8}{'consensus':>11}{'iter ms':>9}"
             f"{'step ms':>9}{'sent/step':>11}{'(x model)':>10}{'peak MiB':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['method']:<14}{r['test_acc_global_avg']:>9.3f}{r['test_acc_worker0']:>9.3f}"
+            f"{r['method']:<18}{r['test_acc_global_avg']:>9.3f}{r['test_acc_worker0']:>9.3f}"
             f"{r['final_train_loss']:>8.4f}{r['consensus_distance']:>11.4f}{r['iter_ms']:>9.2f}{r['step_ms']:>9.2f}"
             f"{r['bytes_per_step'] / 1024:>9.1f}KB{r['bytes_per_step_x_model']:>9.2f}x{r['peak_rss_mib']:>10.0f}"
         )

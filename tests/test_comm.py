@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -224,3 +225,41 @@ def test_independent_gossip_groups_side_by_side() -> None:
     complete = run_ranks(_two_gossip_groups, 6, "complete")
     for g, (_, _, seen, _) in enumerate(complete):
         assert seen[1] == pytest.approx(2.0 if g % 2 == 0 else 3.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- compressed gossip
+def _compressed_rounds(rank: int, world_size: int, wire: torch.dtype, rounds: int) -> dict:
+    out = {}
+    for name in TOPOLOGIES:
+        p = torch.nn.Parameter(torch.zeros(1000))
+        opt = DecentOptimWrapper(torch.optim.SGD([p], lr=0.0), topology=name, local_world_size=LOCAL[world_size],
+                                 wire_dtype=wire, timeout=30)
+        g = torch.Generator().manual_seed(rank)
+        with torch.no_grad():
+            p.copy_(torch.randn(1000, generator=g) + rank)
+        start = p.detach().clone()
+        for _ in range(rounds + 1):  # the last step applies round `rounds - 1`
+            opt.step()
+        out[name] = {"start": start.tolist(), "end": p.detach().tolist(), "sent": opt.comm_stats.bytes_sent,
+                     "rounds": opt.comm_stats.rounds}
+    return out
+
+
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float16])
+def test_compressed_gossip_keeps_the_global_mean_on_four_ranks(wire: torch.dtype) -> None:
+    rounds = 1000
+    results = run_ranks(_compressed_rounds, 4, wire, rounds, timeout=240)
+    bits = 8 if wire == torch.bfloat16 else 11
+    for name in TOPOLOGIES:
+        start = torch.tensor([r[name]["start"] for r in results], dtype=torch.float64)
+        end = torch.tensor([r[name]["end"] for r in results], dtype=torch.float64)
+        top = start.abs().max().item()
+        ulp32 = 2.0 ** (math.floor(math.log2(top)) - 23)
+        drift = (end.mean(0) - start.mean(0)).abs().max().item()
+        assert drift <= rounds * 0.5 * ulp32, (name, drift)  # float32 rounding of the additions, no more
+        spread = (end - end.mean(0)).abs().max().item()  # started about 2 apart
+        assert spread <= 2.0 ** (math.floor(math.log2(top)) - bits + 1), (name, spread)
+        # half the bytes of float32 (bfloat16 and float16 alike): 2 bytes per element (1000 padded to 1024)
+        per_round = results[0][name]["sent"] / results[0][name]["rounds"]
+        if name in ("ring", "one-peer-exp"):
+            assert per_round == 1024 * 2

@@ -21,10 +21,10 @@ half a wire ulp. The symmetric correction
     x_i <- x_i + c * sum_{j != i} (q_j - q_i) = x_i + c * (S - k*q_i),   S = sum_{j in G} q_j
 
 changes the sum over the group by nothing but the rounding of the final additions (the corrections of the
-members cancel), and members whose values round alike get a zero correction. ``S`` and ``k*q_i`` are exact in
-float32 for bfloat16/float16 values of similar magnitude (8 or 11 significant bits, k far below 2^13), so
-every member computes the same ``S`` whatever the order. :func:`compressed_mix_` implements it for pairs
-and groups alike.
+members cancel), and members whose values round alike get a zero correction. For a pair the correction is
+``c*(q_j - q_i)``, exact in float32; a larger group forms ``S - k*q_i`` in float64, where the sum of
+bfloat16/float16 values is exact, so the corrections cancel to the last bit and only the final addition rounds.
+:func:`compressed_mix_` implements it for pairs and groups alike.
 """
 
 from __future__ import annotations
@@ -83,9 +83,14 @@ def compressed_mix_(x: torch.Tensor, q_self: torch.Tensor, q_group: Sequence[tor
     """
     k = len(q_group)
     n = x.numel()
-    scratch = torch.empty(min(n, COMPRESSED_CHUNK), dtype=x.dtype, device=x.device)
-    for start in range(0, n, COMPRESSED_CHUNK):
-        size = min(COMPRESSED_CHUNK, n - start)
+    chunk = COMPRESSED_CHUNK
+    # A pair's q_j - q_i is exact in x's dtype; a larger group's sum of k quantised values is exact only in
+    # float64 (values of different magnitudes need more than float32's 24 bits), and an inexact sum would move
+    # the group's mean by its rounding every round.
+    acc = x.dtype if k == 2 else torch.float64
+    scratch = torch.empty(min(n, chunk), dtype=acc, device=x.device)
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
         s = scratch[:size]
         s.copy_(q_group[0][start:start + size])
         for q in q_group[1:]:

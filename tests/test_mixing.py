@@ -1,0 +1,136 @@
+"""The mixing arithmetic as pure functions: hand-computed values, and the invariants of compressed gossip
+(the group's sum is kept, equal values are left alone) checked on whole schedules simulated in one process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from decent_optim_wrapper.mixing import (
+    COMPRESSED_CHUNK,
+    compressed_mix_,
+    group_mix_,
+    pair_mix_,
+    quantize,
+    scale_for_sum,
+)
+from decent_optim_wrapper.topo import Group, Schedule, TopologyFactory
+
+LOCAL = {4: 2, 6: 2, 8: 4}
+
+
+def test_pair_mix_by_hand() -> None:
+    x, y = torch.tensor([1.0, 2.0, -4.0]), torch.tensor([3.0, 6.0, 4.0])
+    assert pair_mix_(x.clone(), y, 0.5).tolist() == [2.0, 4.0, 0.0]
+    assert pair_mix_(x.clone(), y, 0.75).tolist() == [1.5, 3.0, -2.0]  # 3/4 x + 1/4 y
+
+
+def test_group_mix_by_hand() -> None:
+    # uniform group of 4: the all-reduced sum of x_j/4 is the result, copied
+    xs = [torch.tensor([float(4 * j)]) for j in range(4)]
+    summed = sum(scale_for_sum(x, 0.25, torch.empty(1)) for x in xs)
+    assert group_mix_(xs[0].clone(), summed, 0.25, 0.25).tolist() == [6.0]
+    # weighted group of 3, self-weight 1/2, peers 1/4 each: x0 = 0, x1 = 4, x2 = 8 -> 1/2*0 + 1/4*(4+8) = 3
+    xs = [torch.tensor([0.0]), torch.tensor([4.0]), torch.tensor([8.0])]
+    summed = sum(scale_for_sum(x, 0.25, torch.empty(1)) for x in xs)
+    assert group_mix_(xs[0].clone(), summed, 0.5, 0.25).tolist() == [3.0]
+    assert group_mix_(xs[1].clone(), summed, 0.5, 0.25).tolist() == [4.0]  # 2 + 1/4 * 8
+
+
+def test_uniform_pair_is_the_same_bits_either_way() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10_000, generator=g), torch.randn(10_000, generator=g)
+    via_p2p = pair_mix_(x.clone(), y, 0.5)
+    summed = scale_for_sum(x, 0.5, torch.empty_like(x)) + scale_for_sum(y, 0.5, torch.empty_like(y))
+    via_allreduce = group_mix_(x.clone(), summed, 0.5, 0.5)
+    assert torch.equal(via_p2p, via_allreduce)
+
+
+def test_compressed_mix_by_hand() -> None:
+    # bf16 has 8 significant bits: 1 + 2^-7 is representable, 1 + 2^-9 rounds to 1
+    x = torch.tensor([1.0, 1.0 + 2**-9, 3.0])
+    y = torch.tensor([1.0 + 2**-7, 1.0, 3.0 + 2**-12])
+    qx, qy = quantize(x, torch.empty(3, dtype=torch.bfloat16)), quantize(y, torch.empty(3, dtype=torch.bfloat16))
+    assert qx.tolist() == [1.0, 1.0, 3.0] and qy.tolist() == [1.0 + 2**-7, 1.0, 3.0]
+    out = compressed_mix_(x.clone(), qx, [qx, qy], 0.5)
+    # x += 1/2 (q_y - q_x): moves by half the quantised difference; equal quantised values leave x untouched
+    assert out.tolist() == [1.0 + 2**-8, 1.0 + 2**-9, 3.0]
+
+
+def test_compressed_mix_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import decent_optim_wrapper.mixing as mixing
+
+    n = COMPRESSED_CHUNK + 1000  # crosses a chunk boundary
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(n, generator=g) for _ in range(3)]
+    qs = [x.to(torch.bfloat16) for x in xs]
+    chunked = compressed_mix_(xs[0].clone(), qs[0], qs, 1 / 3)
+    monkeypatch.setattr(mixing, "COMPRESSED_CHUNK", 2 * n)
+    whole = compressed_mix_(xs[0].clone(), qs[0], qs, 1 / 3)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    # and it is the formula: x + 1/3 (q0 + q1 + q2 - 3 q0), the sum formed exactly (in float64)
+    s = qs[0].double() + qs[1].double() + qs[2].double() - 3 * qs[0].double()
+    torch.testing.assert_close(whole, xs[0].clone().add_(s, alpha=1 / 3), rtol=0, atol=0)
+
+
+def _simulate(schedule: Schedule, xs: list[torch.Tensor], rounds: int, wire: torch.dtype,
+              naive: bool = False) -> list[torch.Tensor]:
+    """Every rank of ``schedule`` in one process, mixing with the package's kernels (or the naive rule)."""
+    xs = [x.clone() for x in xs]
+    for t in range(rounds):
+        new = [x.clone() for x in xs]
+        for group in schedule.rounds[t % schedule.period]:
+            if group.size == 1:
+                continue
+            qs = [xs[r].to(wire) for r in group.ranks]
+            for r, q in zip(group.ranks, qs):
+                if naive:  # x_i <- w x_i + c sum_{j != i} Q(x_j)
+                    others = sum(qq.float() for rr, qq in zip(group.ranks, qs) if rr != r)
+                    new[r] = xs[r] * group.self_weight + others * group.peer_weight
+                else:
+                    compressed_mix_(new[r], q, qs, group.peer_weight)
+        xs = new
+    return xs
+
+
+TOPOLOGIES = ["ring", "complete", "one-peer-exp", "alternating-exp-ring", "torus"]
+
+
+def _ulp(x: float, bits: int) -> float:
+    """The spacing of floats with ``bits`` significant bits at magnitude ``x``."""
+    return 2.0 ** (math.floor(math.log2(x)) - bits + 1)
+
+
+@pytest.mark.parametrize("world_size", [4, 6, 8])
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_compressed_gossip_keeps_the_mean_and_reaches_the_floor(topology: str, world_size: int) -> None:
+    schedule = TopologyFactory.create(topology, 0, world_size, LOCAL[world_size]).schedule()
+    g = torch.Generator().manual_seed(world_size)
+    xs = [torch.randn(1000, generator=g) + 0.1 * r for r in range(world_size)]
+    rounds = 1000
+    top = torch.stack(xs).abs().max().item()
+    mean0 = torch.stack(xs).double().mean(0)
+    out = _simulate(schedule, xs, rounds, torch.bfloat16)
+    mean = torch.stack(out).double().mean(0)
+    # float32 rounding: each round adds one rounding (at most half a float32 ulp) to each member
+    bound = rounds * 0.5 * _ulp(top, 24)
+    assert (mean - mean0).abs().max().item() <= bound
+    # consensus down to the quantisation floor: every rank within one bfloat16 ulp of the mean (it started
+    # about 1 away)
+    spread = (torch.stack(out).double() - mean).abs().max().item()
+    assert spread <= _ulp(top, 8)
+    # the naive rule drifts the mean by bfloat16 rounding, far beyond the float32 bound (in fewer rounds)
+    naive = torch.stack(_simulate(schedule, xs, 300, torch.bfloat16, naive=True)).double().mean(0)
+    assert (naive - mean0).abs().max().item() > 10 * bound
+
+
+def test_compressed_weighted_groups_keep_the_mean() -> None:
+    schedule = Schedule(4, [[Group((0, 1), 0.75), Group((2, 3), 0.75)], [Group((0, 1, 2), 0.5), Group((3,))]])
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(500, generator=g) * 10 for _ in range(4)]
+    rounds = 300
+    out = _simulate(schedule, xs, rounds, torch.float16)
+    drift = (torch.stack(out).double().mean(0) - torch.stack(xs).double().mean(0)).abs().max().item()
+    assert drift <= rounds * 0.5 * _ulp(torch.stack(xs).abs().max().item(), 24)
