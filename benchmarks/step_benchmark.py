@@ -12,8 +12,12 @@ For each model size (an MLP of four square layers), in one run:
 * ``local overhead``: one process, a process group of one member, the wrapper's ``step()`` against the bare
   optimizer's, alternated step by step (what buckets and bookkeeping cost with nothing to send).
 
-On a GPU machine: ``--device cuda`` (NCCL, one GPU per rank; on a single GPU add ``--workers 1``, which
-measures the wrapper at world size 1 and the local overhead).
+On a GPU machine, the local overhead of the wrapper against the bare optimizer on one GPU (world size 1,
+AdamW foreach and fused, float32 and bfloat16, stacks of transformer layers of about 100M and 1B parameters):
+
+    python benchmarks/step_benchmark.py --device cuda --gpu-overhead --sizes 100M 1B
+
+``--device cuda`` without ``--gpu-overhead`` runs the training rows with NCCL, one GPU per rank.
 
 Iteration = zero_grad + forward + backward + step. Times are medians over the measured iterations, the
 slowest rank's. Extra memory: the wrapper's persistent buffers (and DDP's gradient buckets) over the
@@ -38,6 +42,9 @@ from decent_optim_wrapper import DecentOptimWrapper
 from decent_optim_wrapper.launch import run_local
 
 SIZES = {"1M": 512, "10M": 1600, "50M": 3536}  # width of four square layers: 4 * w^2 parameters
+# GPU sizes: (d_model, layers) of a stack of transformer encoder layers (about 12 d^2 parameters a layer)
+GPU_SIZES = {"100M": (768, 14), "1B": (2048, 20)}
+GPU_STEPS = {"100M": 60, "1B": 30}
 OVERHEAD_STEPS = {"1M": 200, "10M": 40, "50M": 12}  # alternated bare/wrapper steps for the local overhead
 BATCH = 16
 
@@ -117,16 +124,112 @@ def _local_overhead(rank: int, world_size: int, width: int, steps: int) -> dict[
     return {"bare": statistics.median(tb), "wrapper": statistics.median(tw)}
 
 
+def make_transformer(size: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    d, layers = GPU_SIZES[size]
+    torch.manual_seed(0)
+    with torch.device(device):  # built on the GPU: initialising 1B parameters on the CPU takes a minute
+        stack = [torch.nn.TransformerEncoderLayer(d, d // 64, 4 * d, batch_first=True) for _ in range(layers)]
+        return torch.nn.Sequential(*stack).to(dtype)
+
+
+def _gpu_overhead(rank: int, world_size: int, size: str, dtype_name: str, impl: str, steps: int) -> dict[str, Any]:
+    """Wrapper vs bare AdamW step on one GPU, alternated; also back-to-back (no sync between steps)."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    kw = {"fused": True} if impl == "fused" else {"foreach": True}
+    out: dict[str, Any] = {}
+    models, opts = [], []
+    for wrap in (False, True):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        model = make_transformer(size, dtype, device)
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-5, **kw)
+        opt: torch.optim.Optimizer = DecentOptimWrapper(inner) if wrap else inner
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opt.step()  # optimizer state allocated
+        torch.cuda.synchronize()
+        out["mem_wrapper" if wrap else "mem_bare"] = torch.cuda.memory_allocated() - before
+        models.append(model)
+        opts.append(opt)
+    out["params"] = sum(p.numel() for p in models[0].parameters())
+    out["param_bytes"] = sum(p.numel() * p.element_size() for p in models[0].parameters())
+    out["tensors"] = len(list(models[0].parameters()))
+    synced: dict[int, list[float]] = {0: [], 1: []}
+    for i in range(steps + 3):
+        for k in (0, 1) if i % 2 == 0 else (1, 0):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            opts[k].step()
+            torch.cuda.synchronize()
+            if i >= 3:
+                synced[k].append(time.perf_counter() - t0)
+    pipelined = {}
+    for k in (0, 1, 0, 1):  # second round of each kept
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opts[k].step()
+        torch.cuda.synchronize()
+        pipelined[k] = (time.perf_counter() - t0) / steps
+    out.update(bare=statistics.median(synced[0]), wrapper=statistics.median(synced[1]),
+               bare_pipelined=pipelined[0], wrapper_pipelined=pipelined[1])
+    return out
+
+
+def gpu_overhead_main(args: argparse.Namespace) -> dict[str, Any]:
+    report: dict[str, Any] = {"machine": f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}",
+                              "rows": []}
+    head = (f"{'size':>5} {'dtype':>5} {'AdamW':>8} {'params':>8}{'bare ms':>9}{'wrapper ms':>11}{'overhead':>9}"
+            f"{'pipelined':>10}{'extra mem':>10}")
+    print(head)
+    print("-" * len(head))
+    for size in args.sizes:
+        for dtype_name in args.dtypes:
+            for impl in args.impls:
+                r = run_local(_gpu_overhead, 1, size, dtype_name, impl, GPU_STEPS[size], timeout=1200,
+                              backend="nccl")[0]
+                row = {"size": size, "dtype": dtype_name, "impl": impl, "params": r["params"],
+                       "param_tensors": r["tensors"], "bare_step_ms": r["bare"] * 1e3,
+                       "wrapper_step_ms": r["wrapper"] * 1e3, "overhead": r["wrapper"] / r["bare"] - 1.0,
+                       "bare_pipelined_ms": r["bare_pipelined"] * 1e3,
+                       "wrapper_pipelined_ms": r["wrapper_pipelined"] * 1e3,
+                       "overhead_pipelined": r["wrapper_pipelined"] / r["bare_pipelined"] - 1.0,
+                       "extra_memory_x_params": (r["mem_wrapper"] - r["mem_bare"]) / r["param_bytes"]}
+                report["rows"].append(row)
+                print(f"{size:>5} {dtype_name:>5} {impl:>8} {r['params'] / 1e6:>7.0f}M{row['bare_step_ms']:>9.3f}"
+                      f"{row['wrapper_step_ms']:>11.3f}{row['overhead']:>+9.1%}{row['overhead_pipelined']:>+10.1%}"
+                      f"{row['extra_memory_x_params']:>9.4f}x", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"written to {args.out}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES) + list(GPU_SIZES))
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: one GPU per rank over NCCL (with a single GPU use --workers 1)")
     parser.add_argument("--out", type=Path, default=Path("results/step_benchmark.json"))
+    parser.add_argument("--gpu-overhead", action="store_true",
+                        help="one GPU: wrapper vs bare AdamW step (sizes 100M and 1B)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--impls", nargs="+", default=["foreach", "fused"], choices=["foreach", "fused"])
     args = parser.parse_args(argv)
+    if args.gpu_overhead:
+        if not torch.cuda.is_available():
+            parser.error("--gpu-overhead needs a CUDA device")
+        args.sizes = args.sizes or list(GPU_SIZES)
+        if any(s not in GPU_SIZES for s in args.sizes):
+            parser.error(f"--gpu-overhead sizes are {list(GPU_SIZES)}")
+        return gpu_overhead_main(args)
+    args.sizes = args.sizes or list(SIZES)
+    if any(s not in SIZES for s in args.sizes):
+        parser.error(f"sizes are {list(SIZES)} ({list(GPU_SIZES)} with --gpu-overhead)")
     backend = "nccl" if args.device == "cuda" else "gloo"
     if args.device == "cuda" and torch.cuda.device_count() < max(args.workers):
         parser.error(f"--device cuda needs a GPU per worker: {torch.cuda.device_count()} GPU(s) for "

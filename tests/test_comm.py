@@ -90,19 +90,22 @@ def test_weighted_groups_exact_values(pair_transport: str) -> None:
     assert [r[1] for r in results] == [3.5, 4.0, 5.5, 11.0]
 
 
-def _process_groups_created(rank: int, world_size: int) -> list:
+def _process_groups_created(rank: int, world_size: int) -> tuple[list, list]:
     DecentOptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
                        topology="alternating-exp-ring", local_world_size=4)
-    return sorted((kind, list(ranks)) for (_, ranks, kind, _), pg in ProcessGroups._cache.items()
-                  if pg is not torch.distributed.GroupMember.NON_GROUP_MEMBER)
+    known = sorted((kind, list(ranks)) for _, ranks, kind, _ in ProcessGroups._cache)
+    return known, [k for k in known if rank in k[1]]
 
 
-def test_each_rank_creates_only_its_own_groups() -> None:
-    # 8 ranks, 2 nodes of 4: a rank needs its node's data group and its gloo twin, and the world's control
+def test_every_rank_names_every_group_and_joins_only_its_own() -> None:
+    # 8 ranks, 2 nodes of 4: every rank creates every group of the schedule in the same order (torch names
+    # groups after a counter), but joins only its node's data group and gloo twin, and the world's control
     # group; pairs go point to point on the world group
-    for rank, created in enumerate(run_ranks(_process_groups_created, 8)):
-        node = list(range(4)) if rank < 4 else list(range(4, 8))
-        assert created == sorted([("control", node), ("control", list(range(8))), ("data", node)])
+    for rank, (known, joined) in enumerate(run_ranks(_process_groups_created, 8)):
+        nodes = [list(range(4)), list(range(4, 8))]
+        assert known == sorted([("control", list(range(8)))] + [(k, n) for n in nodes for k in ("control", "data")])
+        node = nodes[rank // 4]
+        assert joined == sorted([("control", node), ("control", list(range(8))), ("data", node)])
 
 
 def _killed_peer(rank: int, world_size: int, timeout: float) -> float:

@@ -8,7 +8,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn as nn
-from harness import run_ranks
+from harness import CUDA, DEVICES, run_ranks
 
 from decent_optim_wrapper import DecentOptimWrapper
 from decent_optim_wrapper.ddp import DecentralizedDataParallel
@@ -30,20 +30,24 @@ def _adamw_fn(params):
     return torch.optim.AdamW([p for _, p in params], lr=1e-2, weight_decay=0.01)
 
 
-def _ddp_vs_wrapper(rank: int, world_size: int, topology: str, accum: int) -> dict:
+def _ddp_vs_wrapper(rank: int, world_size: int, topology: str, accum: int, device: str = "cpu") -> dict:
     criterion = nn.CrossEntropyLoss()
+
+    def _data_on(r: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(t.to(device) for t in _data(r, step))  # type: ignore[return-value]
+
     # DecentralizedDataParallel, small buckets so that several step one after another during backward
-    model = _model()
+    model = _model().to(device)
     ddp = DecentralizedDataParallel(model, _adamw_fn, topology=topology, bucket_size_in_mb=0.002)
     for step in range(6):
         if accum > 1:
             ddp.set_accumulate_grad(True)
             for micro in range(accum):
-                x, y = _data(rank, step * accum + micro)
+                x, y = _data_on(rank, step * accum + micro)
                 (criterion(ddp(x), y) / accum).backward()
             ddp.set_accumulate_grad(False)
         else:
-            x, y = _data(rank, step)
+            x, y = _data_on(rank, step)
             ddp.zero_grad()
             criterion(ddp(x), y).backward()
     n_buckets = len(ddp.optimizers)
@@ -53,12 +57,12 @@ def _ddp_vs_wrapper(rank: int, world_size: int, topology: str, accum: int) -> di
     ddp_params = [p.detach().clone() for p in model.parameters()]
 
     # DecentOptimWrapper, same model, data and optimizer
-    model = _model()
+    model = _model().to(device)
     opt = DecentOptimWrapper(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01), topology=topology)
     for step in range(6):
         opt.zero_grad()
         for micro in range(accum):
-            x, y = _data(rank, step * accum + micro)
+            x, y = _data_on(rank, step * accum + micro)
             (criterion(model(x), y) / accum if accum > 1 else criterion(model(x), y)).backward()
         opt.step()
     opt.global_avg()
@@ -69,9 +73,12 @@ def _ddp_vs_wrapper(rank: int, world_size: int, topology: str, accum: int) -> di
             "avg_maxdiff": max((a - b).abs().max().item() for a, b in zip(ddp_avg, wrapper_avg))}
 
 
-@pytest.mark.parametrize("topology,accum", [("ring", 1), ("complete", 1), ("one-peer-exp", 3)])
-def test_ddp_and_wrapper_follow_the_same_trajectory(topology: str, accum: int) -> None:
-    for r in run_ranks(_ddp_vs_wrapper, 4, topology, accum):
+@pytest.mark.parametrize("topology,accum,device", [
+    ("ring", 1, "cpu"), ("complete", 1, "cpu"), ("one-peer-exp", 3, "cpu"),
+    pytest.param("ring", 1, "cuda", marks=CUDA), pytest.param("one-peer-exp", 3, "cuda", marks=CUDA),
+])
+def test_ddp_and_wrapper_follow_the_same_trajectory(topology: str, accum: int, device: str) -> None:
+    for r in run_ranks(_ddp_vs_wrapper, 4, topology, accum, device):
         assert r["n_buckets"] >= 3
         # Pairs exchange point to point and mix elementwise: bit for bit whatever the bucketing. An
         # all-reduce over differently sized buckets may sum in another order: equal up to rounding.
@@ -279,13 +286,15 @@ def test_ddp_validates_arguments() -> None:
         DecentralizedDataParallel(_model(), lambda params: [p for _, p in params])
 
 
-def test_ddp_world_size_one_equals_bare_optimizer() -> None:
-    bare = _model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_ddp_world_size_one_equals_bare_optimizer(device: str) -> None:
+    bare = _model().to(device)
     opt = torch.optim.AdamW(bare.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    ddp = DecentralizedDataParallel(_model(), partial(optim_fn_adamw, weight_decay=0.0), bucket_size_in_mb=0.002)
+    ddp = DecentralizedDataParallel(_model().to(device), partial(optim_fn_adamw, weight_decay=0.0),
+                                    bucket_size_in_mb=0.002)
     criterion = nn.CrossEntropyLoss()
     for step in range(5):
-        x, y = _data(0, step)
+        x, y = (t.to(device) for t in _data(0, step))
         opt.zero_grad()
         criterion(bare(x), y).backward()
         opt.step()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from harness import run_ranks
+from harness import CUDA, DEVICES, run_ranks
 
 from decent_optim_wrapper import DecentOptimWrapper
 
@@ -27,34 +27,35 @@ def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train_steps(model: torch.nn.Module, opt: DecentOptimWrapper, rank: int, steps: range) -> None:
+    device = next(model.parameters()).device
     for step in steps:
-        x, y = _batch(rank, step)
+        x, y = (t.to(device) for t in _batch(rank, step))
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
 
 
-def _make(rank: int, topology: str) -> tuple[torch.nn.Module, DecentOptimWrapper]:
-    model = _net(seed=rank)  # different initial values: the wrapper must broadcast rank 0's
+def _make(rank: int, topology: str, device: str = "cpu") -> tuple[torch.nn.Module, DecentOptimWrapper]:
+    model = _net(seed=rank).to(device)  # different initial values: the wrapper must broadcast rank 0's
     return model, DecentOptimWrapper(torch.optim.Adam(model.parameters(), lr=1e-2), topology=topology)
 
 
-def _uninterrupted(rank: int, world_size: int, topology: str, total: int) -> list[list[float]]:
-    model, opt = _make(rank, topology)
+def _uninterrupted(rank: int, world_size: int, topology: str, total: int, device: str) -> list[list[float]]:
+    model, opt = _make(rank, topology, device)
     _train_steps(model, opt, rank, range(total))
     return [p.detach().flatten().tolist() for p in model.parameters()]
 
 
-def _first_half(rank: int, world_size: int, topology: str, stop: int, path: str) -> None:
-    model, opt = _make(rank, topology)
+def _first_half(rank: int, world_size: int, topology: str, stop: int, path: str, device: str) -> None:
+    model, opt = _make(rank, topology, device)
     _train_steps(model, opt, rank, range(stop))
     torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, f"{path}/rank{rank}.pt")
 
 
 def _second_half(rank: int, world_size: int, topology: str, stop: int, total: int, path: str,
-                 load_model_first: bool) -> list[list[float]]:
+                 load_model_first: bool, device: str) -> list[list[float]]:
     ckpt = torch.load(f"{path}/rank{rank}.pt", weights_only=True)
-    model = _net(seed=99)  # a fresh model with other values
+    model = _net(seed=99).to(device)  # a fresh model with other values
     if load_model_first:  # then the wrapper's construction broadcasts rank 0's values over it...
         model.load_state_dict(ckpt["model"])
     opt = DecentOptimWrapper(torch.optim.Adam(model.parameters(), lr=1e-2), topology=topology)
@@ -66,14 +67,16 @@ def _second_half(rank: int, world_size: int, topology: str, stop: int, total: in
     return [p.detach().flatten().tolist() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("topology,stop,load_model_first", [
-    ("ring", 3, False), ("ring", 4, True), ("one-peer-exp", 5, False), ("complete", 2, True),
+@pytest.mark.parametrize("topology,stop,load_model_first,device", [
+    ("ring", 3, False, "cpu"), ("ring", 4, True, "cpu"), ("one-peer-exp", 5, False, "cpu"),
+    ("complete", 2, True, "cpu"),
+    pytest.param("ring", 3, False, "cuda", marks=CUDA), pytest.param("complete", 2, True, "cuda", marks=CUDA),
 ])
-def test_resume_is_bit_for_bit(tmp_path: Path, topology: str, stop: int, load_model_first: bool) -> None:
+def test_resume_is_bit_for_bit(tmp_path: Path, topology: str, stop: int, load_model_first: bool, device: str) -> None:
     total = 8
-    expected = run_ranks(_uninterrupted, 4, topology, total)
-    run_ranks(_first_half, 4, topology, stop, str(tmp_path))
-    resumed = run_ranks(_second_half, 4, topology, stop, total, str(tmp_path), load_model_first)
+    expected = run_ranks(_uninterrupted, 4, topology, total, device)
+    run_ranks(_first_half, 4, topology, stop, str(tmp_path), device)
+    resumed = run_ranks(_second_half, 4, topology, stop, total, str(tmp_path), load_model_first, device)
     assert resumed == expected
     assert expected[0] != expected[1] or topology == "complete"
 
@@ -119,10 +122,11 @@ def test_loading_a_state_dict_from_another_world_size() -> None:
 # ----------------------------------------------------------------------------- mixed precision
 def _amp_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, overflow_steps: set[int], rank: int,
               clip: float | None = None) -> tuple[list[torch.Tensor], list[float]]:
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**8)
     scales = []
     for step in range(6):
-        x, y = _batch(rank, step)
+        x, y = (t.to(device) for t in _batch(rank, step))
         opt.zero_grad()
         scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
         if step in overflow_steps:
@@ -136,9 +140,10 @@ def _amp_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, overflow_steps
     return [p.detach().clone() for p in model.parameters()], scales
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("clip", [None, 0.5])
-def test_grad_scaler_world_size_one_equals_bare_optimizer(clip: float | None) -> None:
-    bare, wrapped = _net(), _net()
+def test_grad_scaler_world_size_one_equals_bare_optimizer(clip: float | None, device: str) -> None:
+    bare, wrapped = _net().to(device), _net().to(device)
     expected, s1 = _amp_loop(bare, torch.optim.Adam(bare.parameters(), lr=1e-2), {2}, 0, clip)
     got, s2 = _amp_loop(wrapped, DecentOptimWrapper(torch.optim.Adam(wrapped.parameters(), lr=1e-2)), {2}, 0, clip)
     assert s1 == s2 and s1[2] == s1[1] / 2  # the overflow halved the scale
@@ -146,8 +151,8 @@ def test_grad_scaler_world_size_one_equals_bare_optimizer(clip: float | None) ->
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
-def _amp_overflow_on_one_rank(rank: int, world_size: int) -> dict:
-    model = _net()
+def _amp_overflow_on_one_rank(rank: int, world_size: int, device: str) -> dict:
+    model = _net().to(device)
     inner = torch.optim.Adam(model.parameters(), lr=1e-2)
     opt = DecentOptimWrapper(inner, topology="ring", timeout=30)
     _, scales = _amp_loop(model, opt, {2} if rank == 1 else set(), rank)
@@ -157,8 +162,9 @@ def _amp_overflow_on_one_rank(rank: int, world_size: int) -> dict:
             "avg": avg, "finite": all(math.isfinite(v) for a in avg for v in a)}
 
 
-def test_grad_scaler_overflow_on_one_rank_keeps_every_rank_in_the_round() -> None:
-    results = run_ranks(_amp_overflow_on_one_rank, 4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_overflow_on_one_rank_keeps_every_rank_in_the_round(device: str) -> None:
+    results = run_ranks(_amp_overflow_on_one_rank, 4, device)
     assert [r["round"] for r in results] == [6] * 4, "every rank took part in every round"
     assert [r["adam_steps"] for r in results] == [6, 5, 6, 6], "only rank 1 skipped its local update"
     assert results[1]["scales"][2] == results[1]["scales"][1] / 2
@@ -169,17 +175,19 @@ def test_grad_scaler_overflow_on_one_rank_keeps_every_rank_in_the_round() -> Non
 
 # ----------------------------------------------------------------------------- clipping and accumulation
 def _accumulate(model: torch.nn.Module, opt: torch.optim.Optimizer, rank: int, k: int, steps: int) -> None:
+    device = next(model.parameters()).device
     for step in range(steps):
         opt.zero_grad()
         for micro in range(k):
-            x, y = _batch(rank, step * k + micro)
+            x, y = (t.to(device) for t in _batch(rank, step * k + micro))
             (torch.nn.functional.mse_loss(model(x), y) / k).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
         opt.step()
 
 
-def test_accumulation_and_clipping_world_size_one_equals_bare() -> None:
-    bare, wrapped = _net(), _net()
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulation_and_clipping_world_size_one_equals_bare(device: str) -> None:
+    bare, wrapped = _net().to(device), _net().to(device)
     _accumulate(bare, torch.optim.SGD(bare.parameters(), lr=0.1, momentum=0.9), 0, 3, 4)
     _accumulate(wrapped, DecentOptimWrapper(torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)), 0, 3, 4)
     for e, g in zip(bare.parameters(), wrapped.parameters()):

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from harness import run_ranks
+from harness import DEVICES, run_ranks
 
 from decent_optim_wrapper import DecentOptimWrapper, Topology, TopologyFactory
 from decent_optim_wrapper.buckets import build_buckets
@@ -23,10 +23,11 @@ def _rank_model(rank: int, dtype2: torch.dtype = torch.float32) -> torch.nn.Modu
     return m
 
 
-def _observe_rounds(rank: int, world_size: int, topology: str, n_steps: int, dtype2: torch.dtype) -> list:
+def _observe_rounds(rank: int, world_size: int, topology: str, n_steps: int, dtype2: torch.dtype,
+                    device: str = "cpu") -> list:
     # The parameters are set after construction (which broadcasts rank 0's values), so each rank starts
     # from its own value; lr=0 and no gradients make the inner step a no-op, isolating the averaging.
-    m = _rank_model(0, dtype2)
+    m = _rank_model(0, dtype2).to(device)
     opt = DecentOptimWrapper(torch.optim.SGD(m.parameters(), lr=0.0), topology=topology)
     with torch.no_grad():
         m.a.fill_(float(rank))
@@ -56,11 +57,12 @@ HAND = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("topology,world_size", sorted(HAND))
-def test_exact_neighbour_means_per_round(topology: str, world_size: int) -> None:
+def test_exact_neighbour_means_per_round(topology: str, world_size: int, device: str) -> None:
     expected = HAND[(topology, world_size)]
     # step k applies round k-1, so k+1 steps show the first k rounds
-    results = run_ranks(_observe_rounds, world_size, topology, len(expected) + 1, torch.float32)
+    results = run_ranks(_observe_rounds, world_size, topology, len(expected) + 1, torch.float32, device)
     for rank, seen in enumerate(results):
         assert seen[0] == ([float(rank)] * 15, [10.0 * rank] * 7), "first step must not have averaged yet"
         for t, values in enumerate(expected):
@@ -148,8 +150,9 @@ def test_shared_parameter_is_bucketed_once() -> None:
 
 def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
     for _ in range(steps):
-        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
+        x, y = torch.randn(16, 6, generator=g).to(device), torch.randn(16, 2, generator=g).to(device)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
@@ -161,13 +164,16 @@ def _mlp(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("make_opt", [
     lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True),
     lambda ps: torch.optim.Adam(ps, lr=1e-2),
     lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
-], ids=["sgd-nesterov", "adam", "adamw"])
-def test_world_size_one_equals_bare_optimizer(make_opt) -> None:
-    bare, wrapped = _mlp(), _mlp()
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=True),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+], ids=["sgd-nesterov", "adam", "adamw", "adamw-foreach", "adamw-fused"])
+def test_world_size_one_equals_bare_optimizer(make_opt, device: str) -> None:
+    bare, wrapped = _mlp().to(device), _mlp().to(device)
     expected = _train(bare, make_opt(bare.parameters()), 12, seed=1)
     got = _train(wrapped, DecentOptimWrapper(make_opt(wrapped.parameters())), 12, seed=1)
     for e, g in zip(expected, got):
@@ -186,14 +192,14 @@ def test_world_size_one_process_group_equals_bare_optimizer() -> None:
     assert run_ranks(_world_one_in_group, 1) == [True]
 
 
-def _revert_trajectory(rank: int, world_size: int, topology: str) -> dict:
+def _revert_trajectory(rank: int, world_size: int, topology: str, device: str) -> dict:
     def run(with_global_avg: bool) -> tuple[list[torch.Tensor], list[list[float]]]:
-        model = _mlp(0)
+        model = _mlp(0).to(device)
         opt = DecentOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), topology=topology)
         g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         means = []
         for step in range(9):
-            x, y = torch.randn(16, 6, generator=g), torch.randn(16, 2, generator=g)
+            x, y = torch.randn(16, 6, generator=g).to(device), torch.randn(16, 2, generator=g).to(device)
             opt.zero_grad()
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
@@ -201,7 +207,7 @@ def _revert_trajectory(rank: int, world_size: int, topology: str) -> dict:
                 opt.global_avg()
                 means.append([p.detach().sum().item() for p in model.parameters()])
                 opt.revert_global_avg()
-        return [p.detach().clone() for p in model.parameters()], means
+        return [p.detach().cpu() for p in model.parameters()], means
 
     plain, _ = run(False)
     reverted, means = run(True)
@@ -209,17 +215,18 @@ def _revert_trajectory(rank: int, world_size: int, topology: str) -> dict:
             "distinct": [p.sum().item() for p in plain]}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("topology", ["ring", "complete"])
-def test_global_avg_then_revert_keeps_trajectory_bit_for_bit(topology: str) -> None:
-    results = run_ranks(_revert_trajectory, 4, topology)
+def test_global_avg_then_revert_keeps_trajectory_bit_for_bit(topology: str, device: str) -> None:
+    results = run_ranks(_revert_trajectory, 4, topology, device)
     assert all(r["equal"] for r in results)
     assert all(r["means"] == results[0]["means"] for r in results), "global_avg must give every rank the same values"
     if topology == "ring":
         assert results[0]["distinct"] != results[1]["distinct"], "ring workers should not be in consensus"
 
 
-def _global_avg_exact(rank: int, world_size: int) -> dict:
-    m = _rank_model(0)
+def _global_avg_exact(rank: int, world_size: int, device: str) -> dict:
+    m = _rank_model(0).to(device)
     opt = DecentOptimWrapper(torch.optim.SGD(m.parameters(), lr=0.0), topology="ring")
     with torch.no_grad():
         m.a.fill_(float(rank))
@@ -248,8 +255,9 @@ def _global_avg_exact(rank: int, world_size: int) -> dict:
             "no_revert": no_revert, "no_revert_raises": no_revert_raises}
 
 
-def test_global_avg_is_the_exact_mean_and_revert_restores() -> None:
-    results = run_ranks(_global_avg_exact, 4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_global_avg_is_the_exact_mean_and_revert_restores(device: str) -> None:
+    results = run_ranks(_global_avg_exact, 4, device)
     round0 = [0.5, 0.5, 2.5, 2.5]
     for rank, r in enumerate(results):
         assert r["avg"] == ([1.5] * 15, [15.0] * 7)
@@ -413,14 +421,19 @@ def test_copy_of_model_is_not_shared() -> None:
     assert not torch.equal(m[0].weight, m2[0].weight)
 
 
-def test_non_contiguous_parameters_keep_their_values() -> None:
-    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
-    t = torch.nn.Parameter(torch.randn(6, 4).t())  # a transposed (non-contiguous) leaf
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_parameters_keep_their_values_and_layout(device: str) -> None:
+    conv = torch.nn.Conv2d(3, 8, 3).to(device, memory_format=torch.channels_last)
+    t = torch.nn.Parameter(torch.randn(6, 4, device=device).t())  # a transposed (non-contiguous) leaf
+    strides = [conv.weight.stride(), t.stride()]
     expected = [conv.weight.detach().clone(), conv.bias.detach().clone(), t.detach().clone()]
     opt = DecentOptimWrapper(torch.optim.SGD(list(conv.parameters()) + [t], lr=0.1))
     for e, p in zip(expected, list(conv.parameters()) + [t]):
         torch.testing.assert_close(p, e, rtol=0, atol=0)
-    x = torch.randn(2, 3, 8, 8)
+    # the memory format survives bucketing: channels_last stays channels_last, the transpose stays one
+    assert [conv.weight.stride(), t.stride()] == strides
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8, device=device)
     conv(x).sum().backward()
     opt.step()  # trains as usual on the bucket views
     assert not torch.equal(conv.weight, expected[0])

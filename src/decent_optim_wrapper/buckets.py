@@ -163,6 +163,9 @@ def describe_params(params: Iterable[torch.Tensor]) -> list[tuple[str, str, tupl
     return [(str(p.dtype), p.device.type, tuple(p.shape), p.requires_grad) for p in params]
 
 
+_data_ptr = torch.Tensor.data_ptr
+
+
 def check_views(buckets: list[Bucket]) -> tuple[int, int] | None:
     """The first parameter (bucket index, position) that is no longer a view into its bucket, or ``None``.
 
@@ -171,7 +174,7 @@ def check_views(buckets: list[Bucket]) -> tuple[int, int] | None:
     recorded at bucketing is one C call per parameter.
     """
     for bi, b in enumerate(buckets):
-        if [p.data_ptr() for p in b.params] != b.pointers:
+        if list(map(_data_ptr, b.params)) != b.pointers:
             for pi, (p, ptr) in enumerate(zip(b.params, b.pointers)):
                 if p.data_ptr() != ptr:
                     return bi, pi

@@ -179,6 +179,16 @@ class DecentralizedDataParallel(nn.Module):
             self._step_bucket(self._next)
         self._close_iteration()
 
+    def finish(self) -> None:
+        """Step the buckets still open and apply every bucket's averaging in flight (blocking).
+
+        Call on every rank at the end of training, before the process group is destroyed (see
+        :meth:`DecentOptimWrapper.finish`).
+        """
+        self._flush()
+        for opt in self._optimizers:
+            opt.finish()
+
     def set_accumulate_grad(self, enable: bool = True) -> None:
         """Accumulate gradients over several backward passes instead of stepping in each.
 

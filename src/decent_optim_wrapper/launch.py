@@ -52,9 +52,17 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, store_path: str,
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=pg_timeout_s))
+        ok = False
         try:
             out = fn(rank, world_size, *args)
+            ok = True
         finally:
+            # A rank that returns while a peer still launches rounds to it would make that peer's sends fail
+            # (a gossip job's last step leaves a round in flight): nobody tears down before every rank is done.
+            store.add("finished", 1)
+            deadline = time.monotonic() + min(pg_timeout_s, 10.0)
+            while ok and int(store.add("finished", 0)) < world_size and time.monotonic() < deadline:
+                time.sleep(0.01)
             dist.destroy_process_group()
         results.put((rank, "ok", out))
     except BaseException:  # report anything, including SystemExit, to the test process

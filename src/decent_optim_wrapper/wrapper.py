@@ -270,6 +270,17 @@ class DecentOptimWrapper(Optimizer):
         gossip.launch()
         return loss
 
+    def finish(self) -> None:
+        """Apply the averaging in flight now (blocking), so that nothing is left to send or receive.
+
+        Every ``step()`` launches a round that the next one applies, so the last step of training leaves one
+        in flight. Call this on every rank at the end of training, before the process group is destroyed: a
+        rank that exits while its peer still sends to it makes that peer fail. (``global_avg()`` drains the
+        round in flight too.) Training may go on afterwards: the next ``step()`` has nothing to apply.
+        """
+        self._check_views()
+        self._gossip.apply()
+
     def _check_views(self) -> None:
         broken = check_views(self._buckets)
         if broken is None:
