@@ -90,6 +90,26 @@ def test_accum_adam_matches_hand_written_reference(cls, decoupled: bool, k: int)
     torch.testing.assert_close(p.detach(), torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("cls,decoupled", [(AccumAdam, False), (AccumAdamW, True)])
+def test_accum_adam_counts_steps_per_parameter(cls, decoupled: bool) -> None:
+    # b gets a gradient only on some steps: its bias correction and window boundaries follow its own step
+    # count, exactly as if it were optimised alone on the steps where it had a gradient
+    g = torch.Generator().manual_seed(2)
+    a0, b0 = (torch.randn(4, generator=g, dtype=torch.float64) for _ in range(2))
+    grads = [(torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64))
+             for _ in range(9)]
+    used_b = [0, 2, 3, 6, 7, 8]
+    a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+    opt = cls([a, b], lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, accum_iter=2)
+    for t, (ga, gb) in enumerate(grads):
+        a.grad, b.grad = ga.clone(), (gb.clone() if t in used_b else None)
+        opt.step()
+    ref = _reference_accum_adam(b0.tolist(), [grads[t][1].tolist() for t in used_b], 0.1, 0.9, 0.99, 1e-8, 0.01, 2,
+                                decoupled)
+    torch.testing.assert_close(b.detach(), torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=1e-14)
+    assert int(opt.state[b]["step"]) == len(used_b) and int(opt.state[a]["step"]) == len(grads)
+
+
 @pytest.mark.parametrize("cls,torch_cls", [(AccumAdam, torch.optim.Adam), (AccumAdamW, torch.optim.AdamW)])
 def test_accum_iter_one_is_adam(cls, torch_cls) -> None:
     g = torch.Generator().manual_seed(1)

@@ -179,10 +179,22 @@ class AccumAdam(Optimizer):
 
     def _update(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], ms: list[Tensor],
                 vs: list[Tensor], accs: list[Tensor], steps: list[Tensor]) -> None:
+        torch._foreach_add_(steps, 1.0)
+        # Each parameter counts its own steps (as torch's Adam does): one that had no gradient on some steps
+        # is behind the others, with its own bias correction and window boundary. The counts live on the CPU.
+        by_step: dict[int, list[int]] = {}
+        for i, s in enumerate(steps):
+            by_step.setdefault(int(s.item()), []).append(i)
+        for t, idx in by_step.items():
+            pick = [params[i] for i in idx], [grads[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx], \
+                [accs[i] for i in idx]
+            self._update_at(group, t, *pick)
+
+    def _update_at(self, group: dict[str, Any], t: int, params: list[Tensor], grads: list[Tensor],
+                   ms: list[Tensor], vs: list[Tensor], accs: list[Tensor]) -> None:
+        """The update of step ``t`` for parameters that have all taken ``t`` steps."""
         lr, (beta1, beta2), eps, wd, k_iter = (group["lr"], group["betas"], group["eps"], group["weight_decay"],
                                                 group["accum_iter"])
-        torch._foreach_add_(steps, 1.0)
-        t = int(steps[0].item())  # all parameters of a group step together
         if wd != 0:
             if self._decoupled:
                 torch._foreach_mul_(params, 1.0 - lr * wd)
