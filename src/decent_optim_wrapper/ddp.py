@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .buckets import check_bucket_cap
-from .comm import Checks, ProcessGroups, agree, as_timeout, digest32
+from .comm import Checks, ProcessGroups, agree, digest32
 from .wrapper import DecentOptimWrapper
 
 __all__ = ["DecentralizedDataParallel", "OPTIM_FN_TYPE", "LR_SCHEDULER_FN_TYPE"]
@@ -87,7 +87,7 @@ class DecentralizedDataParallel(nn.Module):
                       "model": (digest32([[(n, tuple(p.shape), str(p.dtype)) for n, p in c] for c in chunks]),
                                 "hold different models or bucket plans",
                                 "every rank must wrap the same model with the same bucket_size_in_mb"),
-                  }, as_timeout(timeout) if checks.error is None else None)
+                  })  # the process group's timeout: ranks reach construction seconds apart
         elif checks.error is not None:
             raise ValueError(checks.error)
 

@@ -114,7 +114,7 @@ class DecentOptimWrapper(Optimizer):
                 "options": ((str(wire_dtype), bool(check_rounds), pair_transport, next_instance(groups)),
                             "use different options", "wire_dtype, check_rounds and pair_transport must be equal on "
                             "every rank, and every rank must have built as many wrappers before this one"),
-            }, self._timeout)
+            })  # the process group's timeout: ranks reach construction seconds apart (loading data, models)
         elif checks.error is not None:
             raise ValueError(checks.error)
         if schedule is None:  # unreachable: a missing schedule comes with an error, raised above
@@ -365,7 +365,7 @@ class DecentOptimWrapper(Optimizer):
                 agree(groups, self._rank, "adding a parameter group", error, {
                     "layout": (digest32(describe_params(new)), "hold different parameter layouts",
                                "every rank must add the same parameters"),
-                }, self._timeout)
+                }, self._timeout)  # mid-training, in step: the step timeout applies
             except ValueError:
                 del self._optimizer.param_groups[n_groups:]  # leave the optimizer as it was
                 raise
