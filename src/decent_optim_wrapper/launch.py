@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["RankFailure", "run_local", "shared_counter"]
+__all__ = ["RankFailure", "run_local", "shared_counter", "init_distributed"]
 
 _CTX = mp.get_context("forkserver")
 # torch.optim.Optimizer.__init__ imports torch._dynamo on first use: seconds per process, so preload it too.
@@ -28,6 +28,24 @@ _PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "decent_optim_wrapper
 
 class RankFailure(AssertionError):
     """Raised when a rank failed; carries every failing rank's traceback."""
+
+
+def init_distributed(backend: str | None = None, timeout: float | None = None) -> None:
+    """``torch.distributed.init_process_group`` for ``torchrun`` jobs that must survive restarts.
+
+    Under ``torchrun --max-restarts``, the restarted workers share the rendezvous store with the attempt that
+    failed, and its stale keys make them fail in gloo's ``connectFullMesh`` or hang (pytorch/pytorch#135712).
+    This initialises the default process group on a namespace of that store per restart attempt
+    (``TORCHELASTIC_RESTART_COUNT``). Outside torchrun it is a plain ``init_process_group(backend)`` from the
+    ``env://`` variables.
+    """
+    import torch.distributed as dist
+
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
+                            world_size=world_size, **kwargs)
 
 
 def shared_counter() -> Any:

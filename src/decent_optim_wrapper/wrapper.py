@@ -276,7 +276,8 @@ class DecentOptimWrapper(Optimizer):
         Every ``step()`` launches a round that the next one applies, so the last step of training leaves one
         in flight. Call this on every rank at the end of training, before the process group is destroyed: a
         rank that exits while its peer still sends to it makes that peer fail. (``global_avg()`` drains the
-        round in flight too.) Training may go on afterwards: the next ``step()`` has nothing to apply.
+        round in flight too.) Training may go on afterwards; the next gradient is then taken at the mixed
+        parameters rather than the un-mixed ones, so the trajectory differs from one without this call.
         """
         self._check_views()
         self._gossip.apply()
