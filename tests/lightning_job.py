@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from finetuning_scheduler import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping  # noqa: E402
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from lightning_common import BATCH, CLIP, LR, TRAIN, VAL, flat, make_net  # noqa: E402
@@ -90,9 +89,9 @@ class Probe(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Module, batch: Any, batch_idx: int) -> None:
         if batch_idx == 0:
             opt = trainer.optimizers[0]
-            fts = [c for c in trainer.callbacks if isinstance(c, FinetuningScheduler)]
+            depth = [c.curr_depth for c in trainer.callbacks if hasattr(c, "curr_depth")]  # FinetuningScheduler
             self.rec["epochs"].append({
-                "depth": fts[0].curr_depth if fts else None, "inner": _inner_name(opt),
+                "depth": depth[0] if depth else None, "inner": _inner_name(opt),
                 "round": getattr(opt, "round", None), "is_wrapper": isinstance(opt, DecentOptimWrapper),
                 "trainable": [n for n, p in pl_module.named_parameters() if p.requires_grad],
             })
@@ -180,6 +179,8 @@ def early_stop() -> None:
 def fts() -> None:
     """4 ranks, complete topology: a three-phase Fine-Tuning Scheduler schedule re-initialising the optimizer
     at both boundaries; restore_best (the default) restores phase 0's checkpoint at each boundary."""
+    from finetuning_scheduler import FinetuningScheduler, FTSCheckpoint, FTSEarlyStopping  # not for torchrun
+
     schedule = {
         0: {"params": ["net.head.weight", "net.head.bias"], "max_transition_epoch": 1},
         1: {"params": ["net.body.2.weight", "net.body.2.bias"], "max_transition_epoch": 2,
@@ -204,6 +205,33 @@ def precision() -> None:
     common["use_distributed_sampler"] = False
     trainer("ws1", 1, plugins=[MixedPrecision("16-mixed", "cpu")], **common).fit(Module())
     trainer("single", 0, plugins=[MixedPrecision("16-mixed", "cpu")], **common).fit(Module())
+
+
+class OwnWrapperModule(Module):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        self.own = DecentOptimWrapper(torch.optim.SGD(self.parameters(), lr=LR), topology="ring")
+        return self.own
+
+
+class Same(pl.Callback):
+    def on_train_end(self, trainer: pl.Trainer, pl_module: OwnWrapperModule) -> None:
+        same = trainer.optimizers[0] is pl_module.own and pl_module.optimizers().optimizer is pl_module.own
+        (OUT / f"own_wrapper.rank{trainer.global_rank}.txt").write_text(str(same))
+
+
+def misc() -> None:
+    """Arguments checked where they are given; the registered name; a wrapper from configure_optimizers kept."""
+    errors = []
+    for kwargs in ({"topology": "nope"}, {"bucket_cap_mb": 0}, {"timeout": -1}, {"check_rounds": 1}):
+        try:
+            DecentralizedStrategy(**kwargs)
+            errors.append("no error")
+        except ValueError as exc:
+            errors.append(str(exc))
+    (OUT / "args.txt").write_text("\n".join(errors))
+    t = pl.Trainer(strategy="decentralized", accelerator="cpu", devices=2, logger=False)
+    (OUT / "registry.txt").write_text(type(t.strategy).__name__)
+    trainer("own_wrapper", 2, callbacks=(Same(),), max_epochs=1, limit_val_batches=0).fit(OwnWrapperModule())
 
 
 def torchrun() -> None:
