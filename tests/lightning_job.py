@@ -194,6 +194,20 @@ def fts() -> None:
                  FTSEarlyStopping(monitor="fts_monitor", mode="min", patience=100))
     trainer("fts", 4, topology="complete", callbacks=callbacks, max_epochs=4).fit(Module(fts_monitor=True))
 
+    # Resuming in phase 1 (from last.ckpt): the scheduler sets phase 1's parameter groups on the optimizer
+    # before Lightning restores its state; they must be bucketed as in the saved run. (No re-initialisation
+    # before the resumed phase: FTS cannot load another optimizer class's state on resume, under DDP either.)
+    del schedule[1]["new_optimizer"]
+
+    def resumable(name: str) -> tuple:
+        return (FinetuningScheduler(ft_schedule=schedule, max_depth=2),
+                FTSCheckpoint(monitor="val_loss", save_top_k=1, save_last=True, dirpath=OUT / name),
+                FTSEarlyStopping(monitor="val_loss", patience=100))
+
+    trainer("fts_half", 2, topology="complete", callbacks=resumable("fts_resume_ckpt"), max_epochs=2).fit(Module())
+    trainer("fts_resumed", 2, topology="complete", callbacks=resumable("fts_resume_ckpt"), max_epochs=3).fit(
+        Module(), ckpt_path=str(OUT / "fts_resume_ckpt" / "last.ckpt"))
+
 
 def precision() -> None:
     """2 ranks, ring: 16-mixed (GradScaler) and bf16-mixed with clipping and accumulation; and world size 1

@@ -136,8 +136,8 @@ class DecentralizedStrategy(DDPStrategy):
     @precision_plugin.setter
     def precision_plugin(self, precision_plugin: Precision | None) -> None:
         if type(precision_plugin) is MixedPrecision:
-            precision_plugin = _GossipMixedPrecision(precision_plugin.precision, precision_plugin.device,
-                                                     precision_plugin.scaler)
+            precision_plugin = _GossipMixedPrecision(precision_plugin.precision,  # type: ignore[arg-type]
+                                                     precision_plugin.device, precision_plugin.scaler)
         self._precision_plugin = precision_plugin
 
     # ------------------------------------------------------------------ model and optimizers
@@ -145,7 +145,7 @@ class DecentralizedStrategy(DDPStrategy):
         _register_with_finetuning_scheduler()  # FTS checks the strategy in its setup(), which comes after this
         super().connect(model)
 
-    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:  # type: ignore[override]
         return model  # no DistributedDataParallel: gradients stay local
 
     def configure_ddp(self) -> None:
@@ -167,7 +167,7 @@ class DecentralizedStrategy(DDPStrategy):
     @optimizers.setter
     def optimizers(self, optimizers: list[Optimizer]) -> None:
         previous = [o for o in self._optimizers if isinstance(o, DecentOptimWrapper)]
-        wrapped = [self._as_wrapper(o, previous) for o in optimizers]
+        wrapped: list[Optimizer] = [self._as_wrapper(o, previous) for o in optimizers]
         self._optimizers = wrapped
         self._lightning_optimizers = [LightningOptimizer._to_lightning_optimizer(o, self) for o in wrapped]
 
@@ -326,6 +326,7 @@ class DecentralizedStrategy(DDPStrategy):
         self._exit_average()
         try:
             own: dict[str, Any] = {_CKPT_KEY: {"world_size": self.world_size, "rank": self.global_rank}}
+            assert self.lightning_module is not None  # set while fitting
             own["state_dict"] = self.lightning_module.state_dict()
             own["optimizer_states"] = [o.state_dict() for o in self._optimizers]
             precision_state = self.precision_plugin.state_dict()
@@ -380,6 +381,9 @@ class DecentralizedStrategy(DDPStrategy):
             return None
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        # Resuming a fine-tuning schedule, the callback has already set the later phases' parameter groups
+        # (BaseFinetuning.on_fit_start): bucket them first, in order, as the saved run did.
+        self._adopt_new_groups()
         for optimizer, state in zip(self._optimizers, checkpoint["optimizer_states"]):
             if isinstance(optimizer, DecentOptimWrapper) and self._train_started:
                 self._restore_mid_fit(optimizer, state)
@@ -465,7 +469,8 @@ def _broadcast_module(module: torch.nn.Module) -> None:
     """Give every rank global rank 0's parameters and buffers."""
     works = [dist.broadcast(t.detach(), src=0, async_op=True) for t in [*module.parameters(), *module.buffers()]]
     for work in works:
-        work.wait()
+        if work is not None:
+            work.wait()
 
 
 def _resolve_link(path: _PATH) -> str:
