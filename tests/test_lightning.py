@@ -234,6 +234,21 @@ def test_fine_tuning_scheduler_phases_reinit_and_thawed_parameters_averaged(fork
     assert all(r["final"] == runs[0]["final"] for r in runs)
 
 
+def test_fine_tuning_scheduler_resume_in_a_later_phase(fork: Path) -> None:
+    """Resuming (fit(ckpt_path=last.ckpt)) in phase 1: FTS sets phase 1's parameter groups before Lightning
+    restores the optimizer; they are bucketed as in the saved run, the state loads, and with the complete
+    topology every trained parameter is the same on both ranks before each step (averaged every round)."""
+    half, resumed = _records(fork, "fts_half", 2), _records(fork, "fts_resumed", 2)
+    first = resumed[0]["epochs"][0]
+    assert (first["depth"], first["round"], len(first["trainable"])) == (1, 8, 4)
+    assert [e["depth"] for e in resumed[0]["epochs"]][-1] == 2 and resumed[0]["round"] == 24
+    assert half[0]["round"] == 16
+    for step in range(len(resumed[0]["pre"])):
+        assert resumed[0]["pre"][step] == resumed[1]["pre"][step]
+        assert resumed[0]["post"][step] != resumed[1]["post"][step]
+    assert resumed[0]["final"] == resumed[1]["final"]
+
+
 def test_mixed_precision_clipping_and_accumulation(fork: Path, refs: list[dict]) -> None:
     """16-mixed (GradScaler), bf16-mixed, gradient_clip_val and accumulate_grad_batches through Lightning's flags
     on 2 ranks equal the hand-written loop; at world size 1 the strategy equals plain single-device Lightning."""
