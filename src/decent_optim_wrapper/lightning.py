@@ -12,7 +12,8 @@ DDP's):
 - each optimizer step runs the forward/backward closure first, then ``step()``: the gradient is taken at this
   rank's own parameters while the previous round's averaging is still on the wire, exactly as in a
   hand-written ``zero_grad(); backward(); step()`` loop;
-- validation and test run on the global average, and training then continues bit for bit;
+- validation runs on the global average, and training then continues bit for bit (test and predict, after
+  fit or from a checkpoint, see the average too);
 - a checkpoint holds the global average (loadable anywhere); next to it, each rank writes what differs
   between ranks (its parameters and buffers, its wrapper state, its GradScaler state) to
   ``<checkpoint>.rank<r>.pt``, from which ``fit(ckpt_path=...)`` resumes the same trajectory;
@@ -166,7 +167,9 @@ class DecentralizedStrategy(DDPStrategy):
 
     @optimizers.setter
     def optimizers(self, optimizers: list[Optimizer]) -> None:
-        previous = [o for o in self._optimizers if isinstance(o, DecentOptimWrapper)]
+        # Only during training can an assignment replace a live wrapper's optimizer; setup_optimizers() of a new
+        # fit always builds new wrappers (the previous fit's may no longer own the parameters' storage).
+        previous = [o for o in self._optimizers if isinstance(o, DecentOptimWrapper)] if self._gossip_active else []
         wrapped: list[Optimizer] = [self._as_wrapper(o, previous) for o in optimizers]
         self._optimizers = wrapped
         self._lightning_optimizers = [LightningOptimizer._to_lightning_optimizer(o, self) for o in wrapped]
@@ -275,16 +278,12 @@ class DecentralizedStrategy(DDPStrategy):
             w.revert_global_avg()
         self._held = False
 
+    # Validation inside fit runs on the average; test, predict and validate outside fit need nothing: fit ends
+    # with every rank holding the average, a checkpoint holds it, and DDP's setup broadcasts rank 0's model.
     def on_validation_start(self) -> None:
         self._enter_average()
 
     def on_validation_end(self) -> None:
-        self._exit_average()
-
-    def on_test_start(self) -> None:
-        self._enter_average()
-
-    def on_test_end(self) -> None:
         self._exit_average()
 
     def on_train_start(self) -> None:
