@@ -11,6 +11,7 @@ to ``OUT/<run>.rank<r>.pt``; errors that a scenario expects are written to ``OUT
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import sys
 from collections import defaultdict
@@ -243,8 +244,10 @@ def misc() -> None:
         except ValueError as exc:
             errors.append(str(exc))
     (OUT / "args.txt").write_text("\n".join(errors))
-    t = pl.Trainer(strategy="decentralized", accelerator="cpu", devices=2, logger=False)
+    t = pl.Trainer(strategy="decentralized", accelerator="cpu", devices=2, logger=False,
+                   plugins=[MixedPrecision("16-mixed", "cpu")])
     (OUT / "registry.txt").write_text(type(t.strategy).__name__)
+    pickle.dumps(t.strategy)  # the spawn start method pickles the strategy, with its precision plugin
     trainer("own_wrapper", 2, callbacks=(Same(),), max_epochs=1, limit_val_batches=0).fit(OwnWrapperModule())
 
 

@@ -256,6 +256,11 @@ def test_mixed_precision_clipping_and_accumulation(fork: Path, refs: list[dict])
         runs = _records(fork, name, 2)
         assert [r["final_local"] for r in runs] == [ref[precision] for ref in refs[:2]], name
         assert runs[0]["final_local"] != runs[1]["final_local"] and [r["round"] for r in runs] == [8, 8]
+    # the GradScaler state sits where Lightning's MixedPrecision keeps it, rank 0's in the checkpoint, each
+    # rank's own in its file
+    ckpt = fork / "fp16" / "checkpoints" / "epoch=1-step=8.ckpt"
+    assert "scale" in torch.load(ckpt, weights_only=True)["MixedPrecision"]
+    assert all("scale" in torch.load(f"{ckpt}.rank{r}.pt", weights_only=True)["MixedPrecision"] for r in range(2))
     ws1, single = _records(fork, "ws1", 1)[0], _records(fork, "single", 1)[0]
     assert ws1["final_local"] == single["final_local"] and ws1["global_step"] == single["global_step"] == 16
     assert ws1["is_wrapper"] and not single["is_wrapper"]

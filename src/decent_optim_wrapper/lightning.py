@@ -316,6 +316,8 @@ class DecentralizedStrategy(DDPStrategy):
                         storage_options: Any | None = None) -> None:
         """Rank 0 writes the checkpoint (the global average); every rank writes its own state next to it."""
         per_rank = bool(self._wrappers()) and "optimizer_states" in checkpoint  # not for weights-only saves
+        if isinstance(self.precision_plugin, _GossipMixedPrecision) and _GOSSIP_AMP_KEY in checkpoint:
+            checkpoint[_AMP_KEY] = checkpoint.pop(_GOSSIP_AMP_KEY)
         checkpoint[_CKPT_KEY] = {"world_size": self.world_size, "rank_files": per_rank,
                                  "topology": self._topology_name}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
@@ -330,7 +332,7 @@ class DecentralizedStrategy(DDPStrategy):
             own["optimizer_states"] = [o.state_dict() for o in self._optimizers]
             precision_state = self.precision_plugin.state_dict()
             if precision_state:  # the GradScaler's scale is per rank: overflows differ between ranks
-                own[type(self.precision_plugin).__qualname__] = precision_state
+                own[_precision_key(self.precision_plugin)] = precision_state
             self.checkpoint_io.save_checkpoint(own, rank_file(filepath, self.global_rank),
                                                storage_options=storage_options)
         finally:
@@ -344,10 +346,16 @@ class DecentralizedStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         """Load the checkpoint; when fitting, replace its per-rank entries by this rank's own file's."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self._trainer_fn() == TrainerFn.FITTING:
+            self._merge_own_state(checkpoint, checkpoint_path, weights_only)
+        if isinstance(self.precision_plugin, _GossipMixedPrecision) and _AMP_KEY in checkpoint:
+            checkpoint[_GOSSIP_AMP_KEY] = checkpoint[_AMP_KEY]  # where Lightning looks for this plugin's state
+        return checkpoint
+
+    def _merge_own_state(self, checkpoint: dict[str, Any], checkpoint_path: _PATH, weights_only: bool | None) -> None:
         meta = checkpoint.get(_CKPT_KEY)
-        fitting = self._trainer_fn() == TrainerFn.FITTING
-        if not fitting or not isinstance(meta, Mapping) or not meta.get("rank_files"):
-            return checkpoint  # evaluation uses the average; a plain checkpoint starts every rank from it
+        if not isinstance(meta, Mapping) or not meta.get("rank_files"):
+            return  # a plain checkpoint (another strategy, weights only): every rank starts from its model
         if meta["world_size"] != self.world_size:
             raise ValueError(
                 f"Cannot resume decentralized training from {checkpoint_path}: it was saved by "
@@ -355,8 +363,7 @@ class DecentralizedStrategy(DDPStrategy):
                 "so the world size must be the same; to start a new run from the averaged model, load the "
                 "checkpoint's weights instead (LightningModule.load_from_checkpoint)."
             )
-        path = _resolve_link(checkpoint_path)
-        own_path = rank_file(path, self.global_rank)
+        own_path = rank_file(_resolve_link(checkpoint_path), self.global_rank)
         if not get_filesystem(own_path).exists(own_path):
             raise FileNotFoundError(
                 f"Cannot resume decentralized training from {checkpoint_path}: rank {self.global_rank}'s own state "
@@ -371,7 +378,6 @@ class DecentralizedStrategy(DDPStrategy):
         if not self._train_started:
             self._local_state_loaded = True  # fit(ckpt_path=...): setup() must not broadcast rank 0's state
         logger.debug("rank {}: restoring own state from {}", self.global_rank, own_path)
-        return checkpoint
 
     def _trainer_fn(self) -> TrainerFn | None:
         try:
@@ -418,10 +424,6 @@ class _GossipMixedPrecision(MixedPrecision):
     are always unscaled first (the wrapper accepts unscaled gradients) and every rank always steps.
     """
 
-    # Lightning stores the scaler state under the plugin's qualified name: keep MixedPrecision's, so that
-    # checkpoints move between this strategy and others.
-    __qualname__ = MixedPrecision.__qualname__
-
     def optimizer_step(self, optimizer: Any, model: LightningModule, closure: Callable[[], Any],  # type: ignore[override]
                        **kwargs: Any) -> Any:
         if self.scaler is None or not isinstance(optimizer, DecentOptimWrapper):
@@ -442,6 +444,16 @@ class _GossipMixedPrecision(MixedPrecision):
         # The gradients were unscaled in optimizer_step, so clipping is valid here, although the wrapper
         # "handles scaling in step()" (for which MixedPrecision refuses to clip).
         Precision.clip_gradients(self, optimizer, clip_val, gradient_clip_algorithm)
+
+
+# Lightning stores a precision plugin's state under its class's qualified name; checkpoints keep
+# MixedPrecision's, so that the scaler state moves between this strategy and others.
+_AMP_KEY = MixedPrecision.__qualname__
+_GOSSIP_AMP_KEY = _GossipMixedPrecision.__qualname__
+
+
+def _precision_key(plugin: Precision) -> str:
+    return _AMP_KEY if isinstance(plugin, _GossipMixedPrecision) else type(plugin).__qualname__
 
 
 class _RunFirstClosure:
