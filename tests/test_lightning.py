@@ -270,9 +270,9 @@ def test_arguments_registry_and_a_wrapper_from_configure_optimizers(fork: Path) 
     assert (fork / "args.txt").read_text().splitlines() == [
         "Invalid topology='nope'. Registered topologies: ['alternating-exp-ring', 'complete', 'one-peer-exp', "
         "'ring', 'torus'].",
-        "Invalid bucket_cap_mb=0. Must be a positive number.",
+        "Invalid bucket_cap_mb=0. Must be a number > 0.",
         "Invalid timeout=-1. Must be a positive number of seconds, a timedelta or None.",
-        "Invalid check_rounds=1. Must be a bool.",
+        "Invalid check_rounds=1. Must be True or False.",
     ]
     assert (fork / "registry.txt").read_text() == "DecentralizedStrategy"
     assert [(fork / f"own_wrapper.rank{r}.txt").read_text() for r in range(2)] == ["True", "True"]

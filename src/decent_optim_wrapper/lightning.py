@@ -22,7 +22,6 @@ DDP's):
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from collections.abc import Callable, Generator, Mapping
@@ -46,8 +45,10 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from loguru import logger
 from torch.optim import Optimizer
 
+from .buckets import check_bucket_cap
+from .comm import as_timeout
 from .topo import Topology, TopologyFactory
-from .wrapper import DecentOptimWrapper
+from .wrapper import DecentOptimWrapper, check_flag, check_wire_dtype
 
 __all__ = ["DecentralizedStrategy", "rank_file"]
 
@@ -492,29 +493,20 @@ def _resolve_link(path: _PATH) -> str:
 
 def _validated_wrapper_kwargs(topology: Any, bucket_cap_mb: Any, timeout: Any, check_rounds: Any,
                               wire_dtype: Any) -> dict[str, Any]:
-    """Check the strategy's arguments where they are given (the wrappers are only built in the rank processes)."""
+    """Check the strategy's arguments where they are given (the wrappers are only built in the rank processes),
+    with the wrapper's own checks."""
     if isinstance(topology, str):
         if topology not in TopologyFactory.available():
             raise ValueError(f"Invalid topology={topology!r}. Registered topologies: {TopologyFactory.available()}.")
     elif not (isinstance(topology, type) and issubclass(topology, Topology)):
         raise ValueError(f"Invalid topology={topology!r}. Must be a registered name or a Topology subclass (each rank "
                          "builds its own instance).")
-    if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) or not bucket_cap_mb > 0:
-        raise ValueError(f"Invalid bucket_cap_mb={bucket_cap_mb!r}. Must be a positive number.")
-    if timeout is not None:
-        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-            raise ValueError(f"Invalid timeout={timeout!r}. Must be a positive number of seconds, a timedelta or None.")
-    if not isinstance(check_rounds, bool):
-        raise ValueError(f"Invalid check_rounds={check_rounds!r}. Must be a bool.")
-    kwargs: dict[str, Any] = {"topology": topology, "bucket_cap_mb": bucket_cap_mb, "timeout": timeout,
-                              "check_rounds": check_rounds}
-    if wire_dtype is not None:
-        if "wire_dtype" not in inspect.signature(DecentOptimWrapper.__init__).parameters:
-            raise ValueError(f"Invalid wire_dtype={wire_dtype!r}: this version of DecentOptimWrapper has no "
-                             "compressed gossip.")
-        kwargs["wire_dtype"] = wire_dtype
-    return kwargs
+    check_bucket_cap(bucket_cap_mb)
+    as_timeout(timeout)
+    check_flag("check_rounds", check_rounds)
+    check_wire_dtype(wire_dtype)
+    return {"topology": topology, "bucket_cap_mb": bucket_cap_mb, "timeout": timeout, "check_rounds": check_rounds,
+            "wire_dtype": wire_dtype}
 
 
 def _register_with_finetuning_scheduler() -> None:

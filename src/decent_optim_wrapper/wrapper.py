@@ -93,9 +93,9 @@ class DecentOptimWrapper(Optimizer):
         self._local_world_size = checks.run(_resolve_local_world_size, local_world_size) or 1
         checks.run(check_bucket_cap, bucket_cap_mb)
         checks.run(check_params, params)
-        checks.run(_check_flag, "check_rounds", check_rounds)
-        checks.run(_check_flag, "check_finite", check_finite)
-        checks.run(_check_wire_dtype, wire_dtype)
+        checks.run(check_flag, "check_rounds", check_rounds)
+        checks.run(check_flag, "check_finite", check_finite)
+        checks.run(check_wire_dtype, wire_dtype)
         checks.run(_check_pair_transport, pair_transport)
         self._topology: Topology | None = checks.run(_make_topology, topology, self._rank, self._world_size,
                                                      self._local_world_size)
@@ -552,12 +552,12 @@ def _check_optimizer(optimizer: Any) -> bool:
     return True
 
 
-def _check_flag(name: str, value: Any) -> None:
+def check_flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {name}={value!r}. Must be True or False.")
 
 
-def _check_wire_dtype(wire_dtype: Any) -> None:
+def check_wire_dtype(wire_dtype: Any) -> None:
     if wire_dtype is not None and wire_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"Invalid wire_dtype={wire_dtype!r}. Must be None, torch.bfloat16, torch.float16 or "
                          "torch.float32.")
