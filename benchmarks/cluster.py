@@ -233,6 +233,9 @@ class Cluster:
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Cluster:
         require_privileges()
+        stale = cleanup_stale()
+        if stale:  # only possible if a harness and its cleaner were both killed, e.g. a whole cgroup at once
+            print(f"removed namespaces left by earlier runs: {stale}", file=sys.stderr)
         self._start_cleaner()
         try:
             self._build()

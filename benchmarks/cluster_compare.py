@@ -52,7 +52,7 @@ from cluster import (  # noqa: E402
 WORKER = Path(__file__).resolve().parent / "cluster_worker.py"
 # Per workload: steps, batch per worker, learning rate. The step budgets keep the default run (4 hosts x 1 rank,
 # 1 Gbit/s, 6 methods) under 20 minutes on 2 cores, starts and evaluation included.
-DEFAULTS = {"lm": {"steps": 300, "batch_size": 2, "lr": 2e-3}, "mlp": {"steps": 300, "batch_size": 32, "lr": 0.02}}
+DEFAULTS = {"lm": {"steps": 240, "batch_size": 2, "lr": 2e-3}, "mlp": {"steps": 200, "batch_size": 32, "lr": 0.01}}
 TARGET_FRACTION = 0.8
 
 
@@ -97,6 +97,7 @@ def run_method(cluster: Cluster, method: str, cfg: dict[str, Any], out: Path, ba
             "--eval-steps", ",".join(map(str, cfg["eval_steps"])), "--batch-size", str(cfg["batch_size"]),
             "--lr", str(cfg["lr"]), "--seed", str(cfg["seed"]), "--out", str(run_dir.resolve()),
             "--timeout", str(cfg["timeout"])]
+    t0 = time.monotonic()
     procs = cluster.torchrun(WORKER, args, cfg["procs_per_host"], run_dir / "logs")
     done = 0
 
@@ -115,7 +116,9 @@ def run_method(cluster: Cluster, method: str, cfg: dict[str, Any], out: Path, ba
         bar.update(cfg["steps"] - done)
     shutil.rmtree(run_dir / "snapshots")
     world = cfg["hosts"] * cfg["procs_per_host"]
-    return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(world)]
+    per_rank = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(world)]
+    per_rank[0]["launch_s"] = time.monotonic() - t0  # start-up, training, evaluation and shutdown
+    return per_rank
 
 
 # ---------------------------------------------------------------------- summarising
@@ -155,6 +158,7 @@ def summarise(method: str, per_rank: list[dict[str, Any]], cfg: dict[str, Any]) 
         "final_val_loss": points[-1][2],
         "best_val_loss": min(p[2] for p in points),
         "final_train_loss": statistics.mean(x for r in per_rank for x in r["losses"][-tail:]),
+        "launch_s": per_rank[0]["launch_s"],
     }
 
 
@@ -244,7 +248,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--steps", type=int, help="step budget, the same for every method (default per workload)")
     parser.add_argument("--batch-size", type=int, help="per rank (default per workload)")
     parser.add_argument("--lr", type=float, help="default per workload")
-    parser.add_argument("--evals", type=int, default=16, help="evaluation points besides step 0")
+    parser.add_argument("--evals", type=int, default=12, help="evaluation points besides step 0")
     parser.add_argument("--target", type=float, help="validation loss for time-to-target (default: DDP's at 80%%)")
     parser.add_argument("--methods", nargs="+", help="default: ddp ddp-bf16 ring one-peer-exp complete "
                         "[alternating-exp-ring if P > 1] [one-peer-exp+bf16 if the package has wire_dtype] local")
@@ -279,8 +283,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "lr": args.lr or d["lr"], "eval_steps": eval_steps, "seed": args.seed, "target": args.target,
         "timeout": args.timeout, "methods": methods,
     }
-    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the cluster is removed the same way.
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the cluster is removed the same way. SIGINT too,
+    # also where the shell started this in the background with SIGINT ignored (Python then never handles it).
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     t_start = time.time()
     bar = None
     try:

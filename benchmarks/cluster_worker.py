@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo  # noqa: F401  (torch.optim imports it at the first step: seconds, not training time)
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -165,7 +165,7 @@ def _lm_workload(rank: int, world_size: int, batch_size: int, lr: float, seed: i
 
 
 def build(name: str, rank: int, world_size: int, batch_size: int, lr: float, seed: int, context: int = 128,
-          val_windows: int = 128, warmup: int = 20) -> Workload:
+          val_windows: int = 64, warmup: int = 20) -> Workload:
     """The workload ``name`` as worker ``rank`` of ``world_size`` sees it."""
     if name == "mlp":
         return _mlp_workload(rank, world_size, batch_size, lr, seed)
