@@ -357,7 +357,8 @@ class Cluster:
                    "--rdzv-conf", f"is_host={int(h.index == 0)}", "--local-addr", h.addr,
                    "--max-restarts", "0", str(script), *args]
             full_env = {**os.environ, **(env or {}), "GLOO_SOCKET_IFNAME": h.ifname, "OMP_NUM_THREADS": "1",
-                        "DOW_HOST": str(h.index), "PYTHONUNBUFFERED": "1"}
+                        "DOW_HOST": str(h.index), "PYTHONUNBUFFERED": "1",
+                        "LOGLEVEL": "INFO"}
             with open(log_dir / f"host{h.index}.log", "wb") as log:
                 procs.append(subprocess.Popen(h.argv(cmd), stdout=log, stderr=subprocess.STDOUT, env=full_env))
         return procs

@@ -132,6 +132,8 @@ def curve(per_rank: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
 
 def reach(points: list[tuple[int, float, float]], target: float) -> tuple[float, float] | None:
     """(step, seconds) at which the validation loss first reaches ``target``, linear between evaluations."""
+    if points[0][2] <= target:
+        return points[0][0], points[0][1]
     for (s0, t0, v0), (s1, t1, v1) in zip(points, points[1:]):
         if v1 <= target:
             f = 0.0 if v0 <= target else (v0 - target) / (v0 - v1)

@@ -83,7 +83,7 @@ def test_toy_comparison_runs_every_method_over_the_shaped_links(tmp_path: Path) 
     summary = json.loads((out / "summary.json").read_text())
     cfg, rows = summary["config"], {r["method"]: r for r in summary["results"]}
     assert list(rows) == ["ddp", "one-peer-exp"]
-    assert 0.85 * 1e9 < cfg["measured_rate"] < 1e9
+    assert 0.5e9 < cfg["measured_rate"] < 1e9  # loose below: at 1 Gbit/s a loaded CPU can limit the stream
     for method, r in rows.items():
         curve = summary["curves"][method]
         assert [p[0] for p in curve] == [0, 3, 6], method
