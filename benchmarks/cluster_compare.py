@@ -225,6 +225,12 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], curves: dict[str, list[
             ax.plot([p[1] if x_axis == "time" else p[0] for p in points], [p[2] for p in points], marker=".",
                     label=method)
         ax.axhline(cfg["target_val_loss"], color="grey", linestyle=":", linewidth=1, label="target")
+        # The untrained model's loss (step 0) would squash the part that differs between methods: start the
+        # axis at the highest loss of the second evaluation.
+        later = [p[2] for points in curves.values() for p in points[1:]]
+        low, high = (min(later), max(later)) if later else (0.0, 0.0)
+        if high > low:
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
         ax.set_xlabel("training wall-clock, s (evaluation excluded)" if x_axis == "time" else "step")
         ax.set_ylabel("validation loss, globally averaged model")
         ax.set_title(title, fontsize=9)

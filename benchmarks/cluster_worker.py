@@ -48,10 +48,11 @@ def _counters(ifname: str) -> dict[str, int]:
     return {"wire_tx": read(ifname, "tx_bytes"), "wire_rx": read(ifname, "rx_bytes"), "lo_tx": read("lo", "tx_bytes")}
 
 
-def wrap(method: str, model: torch.nn.Module, workload: workloads.Workload,
+def wrap(method: str, workload: workloads.Workload,
          timeout_s: float) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.Optimizer]:
     """(model to call, optimizer to step, inner optimizer) for ``method``."""
     base, _, suffix = method.partition("+")
+    model = workload.model
     if base in DDP_METHODS:
         model = torch.nn.parallel.DistributedDataParallel(model)
         if base == "ddp-bf16":
@@ -97,8 +98,8 @@ def main() -> None:
     local_rank = int(os.environ["LOCAL_RANK"])
     ifname = os.environ["GLOO_SOCKET_IFNAME"]
     wl = workloads.build(a.workload, rank, world, a.batch_size, a.lr, a.seed)
-    flat_params = [p for p in wl.model.parameters()]  # the plain model's, in a fixed order, for snapshots
-    model, opt, inner = wrap(a.method, wl.model, wl, a.timeout)
+    params = list(wl.model.parameters())  # the plain model's, in a fixed order, for snapshots
+    model, opt, inner = wrap(a.method, wl, a.timeout)
     sched = torch.optim.lr_scheduler.LambdaLR(inner, wl.lr_lambda)
     eval_steps = sorted({int(s) for s in a.eval_steps.split(",")})
     snap_dir = a.out / "snapshots"
@@ -107,7 +108,7 @@ def main() -> None:
 
     def snapshot(step: int) -> None:
         with torch.no_grad():
-            torch.save(torch.cat([q.detach().reshape(-1) for q in flat_params]), snap_dir / f"{step}.{rank}.pt")
+            torch.save(torch.cat([q.detach().reshape(-1) for q in params]), snap_dir / f"{step}.{rank}.pt")
 
     train_s, clock, losses, iter_s = 0.0, {}, [], []
     dist.barrier()
@@ -138,18 +139,18 @@ def main() -> None:
 
     # Score this rank's share of the evaluation points on the average of all ranks' saved parameters.
     scored = {}
+    wl.model.eval()
     with torch.no_grad():
         for s in sorted(clock)[rank::world]:
             mean = sum(torch.load(snap_dir / f"{s}.{r}.pt") for r in range(world)) / world
-            torch.nn.utils.vector_to_parameters(mean, flat_params)
-            wl.model.eval()
+            torch.nn.utils.vector_to_parameters(mean, params)
             scored[s] = wl.val_loss(wl.model)
     dist.barrier()
     out = {
         "rank": rank, "host": int(os.environ["DOW_HOST"]), "local_rank": local_rank, "world_size": world,
         "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]), "clock": clock, "losses": losses,
         "iter_s": iter_s, "val_loss": scored, "describe": wl.describe,
-        "param_bytes": sum(q.numel() * q.element_size() for q in flat_params),
+        "param_bytes": sum(q.numel() * q.element_size() for q in params),
         "counters": None if before is None else {k: after[k] - before[k] for k in before},
     }
     (a.out / f"rank{rank}.json").write_text(json.dumps(out))
