@@ -204,9 +204,9 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], curves: dict[str, list[
     (out / "summary.json").write_text(json.dumps(
         {"config": cfg, "results": rows, "curves": {m: [list(p) for p in c] for m, c in curves.items()}}, indent=2))
     with open(out / "summary.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+        dw = csv.DictWriter(f, fieldnames=list(rows[0]))
+        dw.writeheader()
+        dw.writerows(rows)
     with open(out / "curves.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "step", "train_seconds", "val_loss_global_avg"])

@@ -151,7 +151,7 @@ def main() -> None:
         "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]), "clock": clock, "losses": losses,
         "iter_s": iter_s, "val_loss": scored, "describe": wl.describe,
         "param_bytes": sum(q.numel() * q.element_size() for q in params),
-        "counters": None if before is None else {k: after[k] - before[k] for k in before},
+        "counters": None if before is None or after is None else {k: after[k] - before[k] for k in before},
     }
     (a.out / f"rank{rank}.json").write_text(json.dumps(out))
     _log(f"scored {len(scored)} evaluation points; done")
