@@ -1,0 +1,162 @@
+"""One rank of a ``cluster_compare.py`` run; ``torchrun`` starts it inside a host's network namespace.
+
+Not meant to be run by hand. Rank, world size and ``LOCAL_WORLD_SIZE`` come from torchrun's environment; gloo
+talks over ``GLOO_SOCKET_IFNAME``. The worker trains ``--steps`` steps of the workload with one method and
+writes ``rank<r>.json`` into ``--out``:
+
+- the training wall-clock at each evaluation point (evaluation excluded), the training loss of every step;
+- on each host's local rank 0, the byte counters of the host's shaped interface and of ``lo`` over the
+  training window (between a barrier before the first step and one after the last), so every method's traffic
+  is counted the same way, on the wire;
+- the validation loss of the globally averaged model at the evaluation points this rank scored.
+
+Evaluation never touches the network or the clock: at each evaluation point every rank writes its parameters
+to ``--out`` (clock stopped), and after training the ranks score the points between them, each averaging the
+saved parameters of all ranks. For gossip this is exactly ``global_avg()``: the averaging in flight preserves
+the mean, so the mean of the saved parameters is the mean the package would compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch._dynamo  # noqa: F401  (torch.optim imports it at the first step: seconds, not training time)
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workloads  # noqa: E402  (a sibling file, not a package)
+
+from decent_optim_wrapper import DecentOptimWrapper  # noqa: E402
+
+DDP_METHODS = ("ddp", "ddp-bf16")
+
+
+def _counters(ifname: str) -> dict[str, int]:
+    # Read from sysfs: `ip netns exec` mounts the namespace's own /sys, so these are this host's interfaces.
+    def read(dev: str, what: str) -> int:
+        return int(Path(f"/sys/class/net/{dev}/statistics/{what}").read_text())
+
+    return {"wire_tx": read(ifname, "tx_bytes"), "wire_rx": read(ifname, "rx_bytes"), "lo_tx": read("lo", "tx_bytes")}
+
+
+def wrap(method: str, workload: workloads.Workload,
+         timeout_s: float) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.Optimizer]:
+    """(model to call, optimizer to step, inner optimizer) for ``method``."""
+    base, _, suffix = method.partition("+")
+    model = workload.model
+    if base in DDP_METHODS:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        if base == "ddp-bf16":
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+            model.register_comm_hook(None, bf16_compress_hook)
+    inner = workload.optimizer(list(model.parameters()))
+    if base in DDP_METHODS or base == "local":
+        return model, inner, inner
+    kwargs: dict[str, Any] = {}
+    if suffix == "bf16":
+        if "wire_dtype" not in inspect.signature(DecentOptimWrapper).parameters:
+            raise ValueError(f"method {method!r} needs DecentOptimWrapper(wire_dtype=...), which this version lacks")
+        kwargs["wire_dtype"] = torch.bfloat16
+    elif suffix:
+        raise ValueError(f"Unknown method suffix in {method!r}. Must be '+bf16' or none.")
+    return model, DecentOptimWrapper(inner, topology=base, timeout=timeout_s, **kwargs), inner
+
+
+def _log(what: str) -> None:
+    # Into the host's log: where a slow start or a hang happened, with times comparable across hosts.
+    print(f"[{time.strftime('%H:%M:%S')} rank {os.environ['RANK']}] {what}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--method", required=True)
+    p.add_argument("--workload", required=True, choices=workloads.WORKLOADS)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--eval-steps", required=True, help="comma-separated steps at which to evaluate")
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--timeout", type=float, default=600, help="seconds a collective may wait")
+    a = p.parse_args()
+
+    _log("started")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=a.timeout))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _log(f"process group ready ({world} ranks)")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    ifname = os.environ["GLOO_SOCKET_IFNAME"]
+    wl = workloads.build(a.workload, rank, world, a.batch_size, a.lr, a.seed)
+    params = list(wl.model.parameters())  # the plain model's, in a fixed order, for snapshots
+    model, opt, inner = wrap(a.method, wl, a.timeout)
+    sched = torch.optim.lr_scheduler.LambdaLR(inner, wl.lr_lambda)
+    eval_steps = sorted({int(s) for s in a.eval_steps.split(",")})
+    snap_dir = a.out / "snapshots"
+    snap_dir.mkdir(parents=True, exist_ok=True)
+    progress = os.open(a.out / "progress", os.O_WRONLY | os.O_CREAT) if rank == 0 else None
+
+    def snapshot(step: int) -> None:
+        with torch.no_grad():
+            torch.save(torch.cat([q.detach().reshape(-1) for q in params]), snap_dir / f"{step}.{rank}.pt")
+
+    train_s, clock, losses, iter_s = 0.0, {}, [], []
+    dist.barrier()
+    _log("model and optimizer built, training starts")
+    before = _counters(ifname) if local_rank == 0 else None
+    for step in range(a.steps):
+        if step in eval_steps:
+            clock[step] = train_s
+            snapshot(step)
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = wl.loss(model, step)
+        loss.backward()
+        opt.step()
+        sched.step()
+        dt = time.perf_counter() - t0
+        train_s += dt
+        iter_s.append(dt)
+        losses.append(loss.item())
+        if progress is not None:
+            os.pwrite(progress, f"{step + 1:>10}".encode(), 0)
+    dist.barrier()  # every rank is done (and the last round has landed) before the counters are read
+    after = _counters(ifname) if local_rank == 0 else None
+    clock[a.steps] = train_s
+    snapshot(a.steps)
+    dist.barrier()  # all snapshots written
+    _log(f"trained {a.steps} steps in {train_s:.1f} s")
+
+    # Score this rank's share of the evaluation points on the average of all ranks' saved parameters.
+    scored = {}
+    wl.model.eval()
+    with torch.no_grad():
+        for s in sorted(clock)[rank::world]:
+            mean = sum(torch.load(snap_dir / f"{s}.{r}.pt") for r in range(world)) / world
+            torch.nn.utils.vector_to_parameters(mean, params)
+            scored[s] = wl.val_loss(wl.model)
+    dist.barrier()
+    out = {
+        "rank": rank, "host": int(os.environ["DOW_HOST"]), "local_rank": local_rank, "world_size": world,
+        "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]), "clock": clock, "losses": losses,
+        "iter_s": iter_s, "val_loss": scored, "describe": wl.describe,
+        "param_bytes": sum(q.numel() * q.element_size() for q in params),
+        "counters": None if before is None or after is None else {k: after[k] - before[k] for k in before},
+    }
+    (a.out / f"rank{rank}.json").write_text(json.dumps(out))
+    _log(f"scored {len(scored)} evaluation points; done")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

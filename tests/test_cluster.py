@@ -1,0 +1,158 @@
+"""The emulated cluster (benchmarks/cluster.py) and its comparison job, at toy size, as a user runs them.
+
+Needs root (network namespaces); where namespaces cannot be created, every test here is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import cluster  # noqa: E402  (benchmarks/ is not a package)
+
+ok, why = cluster.can_create_namespaces()
+pytestmark = pytest.mark.skipif(not ok, reason=f"cannot create network namespaces: {why}")
+
+COMPARE = [sys.executable, str(ROOT / "benchmarks" / "cluster_compare.py")]
+
+
+def _ours(pid: int) -> list[str]:
+    return [ns for ns in cluster.namespaces() if ns.startswith(f"{cluster.PREFIX}{pid}-")]
+
+
+def _in_namespaces(pid: int) -> list[int]:
+    return [p for ns in _ours(pid) for p in cluster.namespace_pids(ns)]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain ``text`` (zombies have none and are not counted)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(f"{proc.name}: {cmd}")
+    return found
+
+
+@pytest.mark.timeout(60)
+def test_links_are_shaped_to_the_rate_asked_for_and_everything_is_removed() -> None:
+    with cluster.Cluster(hosts=3, rate="100mbit") as c:
+        names = _ours(os.getpid())
+        assert sorted(names) == sorted([c.bridge_ns] + [h.netns for h in c.hosts])
+        measured = c.measure_rate(src=2, dst=0, seconds=1.0)
+        # TCP goodput over Ethernet framing is ~95% of the link rate; tbf must not let more through.
+        assert 0.85 * 100e6 < measured < 1.0 * 100e6, measured
+        # No host has a route out of the cluster: only the /24 of its own link.
+        routes = subprocess.run(c.hosts[0].argv(["ip", "route"]), capture_output=True, text=True).stdout
+        expected = f"{cluster.SUBNET}.0/24 dev eth0 proto kernel scope link src {cluster.SUBNET}.1"
+        assert routes.split() == expected.split()
+        # The same host's own address goes over lo, not over the shaped link (how P ranks per host talk).
+        h = c.hosts[1]
+        before, lo_before = h.counters(), h.counters("lo")
+        local_rate = c.measure_rate(src=1, dst=1, seconds=0.5)
+        assert local_rate > 3 * 100e6  # not limited by the link
+        assert h.counters()["tx_bytes"] - before["tx_bytes"] < 1000
+        assert h.counters("lo")["tx_bytes"] - lo_before["tx_bytes"] > local_rate / 8 * 0.5 * 0.9
+    assert _ours(os.getpid()) == []
+
+
+@pytest.mark.timeout(240)
+def test_toy_comparison_runs_every_method_over_the_shaped_links(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.Popen(
+        COMPARE + ["--hosts", "2", "--procs-per-host", "1", "--rate", "1gbit", "--workload", "mlp", "--steps", "6",
+                   "--evals", "2", "--methods", "ddp", "one-peer-exp", "--no-progress", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    stdout, stderr = proc.communicate(timeout=230)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    cfg, rows = summary["config"], {r["method"]: r for r in summary["results"]}
+    assert list(rows) == ["ddp", "one-peer-exp"]
+    assert 0.5e9 < cfg["measured_rate"] < 1e9  # loose below: at 1 Gbit/s a loaded CPU can limit the stream
+    for method, r in rows.items():
+        curve = summary["curves"][method]
+        assert [p[0] for p in curve] == [0, 3, 6], method
+        assert all(0 < p[2] < 10 for p in curve), (method, curve)  # finite validation losses
+        assert curve[0][2] == summary["curves"]["ddp"][0][2]  # same initial model, same validation data
+        assert r["iter_ms"] > 0 and r["train_s"] > 0
+        # 2 hosts: a DDP ring all-reduce and a one-peer exchange both send the whole model once a step.
+        assert 0.95 < r["wire_x_model"] < 1.15, (method, r["wire_x_model"])
+        assert r["local_bytes_per_host_step"] < 1e4  # one rank per host: nothing between local ranks
+    assert "Target validation loss" in stdout and "one-peer-exp" in stdout
+    for png in ("val_loss_vs_time.png", "val_loss_vs_step.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert _ours(proc.pid) == []
+
+
+def _start(out: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        COMPARE + ["--hosts", "2", "--workload", "mlp", "--steps", "100000", "--methods", "ring", "--no-progress",
+                   "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(proc: subprocess.Popen[str], ready: Callable[[], bool], what: str, within: float = 150.0) -> None:
+    deadline = time.monotonic() + within
+    while not ready():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, f"{what} did not happen within {within} s"
+        time.sleep(0.1)
+
+
+def _assert_gone_soon(pid: int, out: Path, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while _ours(pid) or _processes_mentioning(str(out)):
+        assert time.monotonic() < deadline, (_ours(pid), _processes_mentioning(str(out)))
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(200)
+def test_killed_harness_leaves_no_namespaces_or_processes(tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    proc = _start(out)
+    progress = out / "runs" / "ring" / "progress"
+    _wait_for(proc, lambda: progress.exists() and progress.read_text().strip() != "", "the first training step")
+    assert len(_ours(proc.pid)) == 3
+    assert len(_in_namespaces(proc.pid)) >= 4  # 2 torchrun agents and 2 workers, inside the namespaces
+    proc.send_signal(signal.SIGKILL)  # no handler runs: the cleaner process must do the teardown
+    proc.wait()
+    _assert_gone_soon(proc.pid, out)
+
+
+@pytest.mark.timeout(200)
+def test_ctrl_c_tears_down_and_exits_nonzero(tmp_path: Path) -> None:
+    out = tmp_path / "interrupted"
+    proc = _start(out)
+    _wait_for(proc, lambda: bool(_in_namespaces(proc.pid)), "the torchrun launch")  # a start is enough
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    _assert_gone_soon(proc.pid, out)
+
+
+@pytest.mark.timeout(60)
+def test_without_net_admin_it_says_so_and_exits_nonzero() -> None:
+    # Root without CAP_NET_ADMIN / CAP_SYS_ADMIN (as in an unprivileged container): the capabilities are
+    # dropped from the bounding set, so the child runs without them.
+    if subprocess.run(["setpriv", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("setpriv (util-linux) is not installed")
+    proc = subprocess.Popen(["setpriv", "--bounding-set", "-net_admin,-sys_admin", "--inh-caps",
+                             "-net_admin,-sys_admin", *COMPARE, "--hosts", "2", "--steps", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=50)
+    assert proc.returncode == 2, err
+    assert "needs root" in err and "CAP_NET_ADMIN" in err and "sudo" in err
+    assert _ours(proc.pid) == []
