@@ -1,60 +1,143 @@
-"""Point-to-point exchange vs 2-rank all-reduce for a pairwise gossip round, on gloo (CPU).
+"""How a pair of ranks should exchange its buckets, measured: on loopback and on an emulated 2-host cluster.
 
-    uv run python benchmarks/pairwise_exchange.py [--sizes 100000 1000000 10000000] [--repeats 20]
+    uv run python benchmarks/pairwise_exchange.py                          # 2 gloo ranks over loopback
+    sudo uv run python benchmarks/pairwise_exchange.py --cluster 1gbit     # 2 hosts, each link shaped (root)
 
-Times one whole round as the engine runs it (prepare, communicate, wait, apply the mix) for both ways of
-averaging a pair, in the same run, and prints the ratio (both with the round-number check the wrapper does by
-default, and point-to-point without it). The wrapper uses point-to-point for pairs.
+Times one whole pairwise round as the engine runs it (prepare, communicate, wait, apply the mix), in the same
+run for every candidate, median over repeats:
+
+    oneway       rank 0 sends, rank 1 receives (the link's one-way time, for reference)
+    p2p-1conn    the engine's pair with both directions on one connection (what it did before this measurement)
+    p2p          the engine's pair: on gloo each direction on a connection of its own (two process groups)
+    allreduce    the engine's pair as c*x summed by a 2-rank all-reduce (pair_transport="allreduce")
+    bf16         the engine's compressed pair (wire_dtype=bfloat16), two connections
+
+``--cluster`` builds the emulated cluster of ``benchmarks/cluster.py`` (2 hosts, one rank each) and runs the
+same measurement there through torchrun, gloo over the shaped interface.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from decent_optim_wrapper.buckets import build_buckets
-from decent_optim_wrapper.comm import ProcessGroups
-from decent_optim_wrapper.gossip import Gossip
-from decent_optim_wrapper.launch import run_local
-from decent_optim_wrapper.topo import Group, Schedule
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decent_optim_wrapper.buckets import build_buckets  # noqa: E402
+from decent_optim_wrapper.comm import ProcessGroups  # noqa: E402
+from decent_optim_wrapper.gossip import Gossip  # noqa: E402
+from decent_optim_wrapper.launch import run_local  # noqa: E402
+from decent_optim_wrapper.topo import Group, Schedule  # noqa: E402
+
+CANDIDATES = ["oneway", "p2p-1conn", "p2p", "allreduce", "bf16"]
 
 
-def _time_rounds(rank: int, world_size: int, numel: int, repeats: int) -> dict[str, float]:
-    param = torch.nn.Parameter(torch.full((numel,), float(rank)))
-    buckets = build_buckets([param], bucket_cap_mb=1e6)
-    schedule = Schedule(2, [[Group((0, 1))]])
-    out = {}
-    modes = [("p2p", True), ("allreduce", True), ("p2p", False)]
-    for mode, check in modes + modes:  # twice each, interleaved; keep the second
-        gossip = Gossip(schedule, rank, buckets, ProcessGroups(None), pair_transport=mode, check_rounds=check)
-        for _ in range(3):  # warm-up
-            gossip.launch()
-            gossip.apply()
-        torch.distributed.barrier()
+def _time(fn: Any, repeats: int) -> float:
+    for _ in range(2):  # warm-up: connections, buffers
+        fn()
+    dist.barrier()
+    times = []
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        for _ in range(repeats):
-            gossip.launch()
-            gossip.apply()
-        out[mode + ("" if check else "-unchecked")] = (time.perf_counter() - t0) / repeats
-    return out
+        fn()
+        times.append(time.perf_counter() - t0)
+    dist.barrier()
+    return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
-    print(f"{'elements':>12} {'MiB':>8} {'p2p ms':>9} {'allreduce ms':>13} {'allreduce/p2p':>14}"
-          f" {'p2p no round check ms':>22}")
+def _candidate(name: str, rank: int, x: torch.Tensor) -> Any:
+    """One round of ``name`` as a callable."""
+    peer = 1 - rank
+    buf = torch.empty_like(x)
+    if name == "oneway":
+        return lambda: dist.send(x, peer) if rank == 0 else dist.recv(buf, peer)
+    p = torch.nn.Parameter(x.clone())
+    gossip = Gossip.__new__(Gossip)
+    if name == "p2p-1conn":  # the engine's pair as it was before this measurement: one connection both ways
+        gossip._two_connections = lambda device: False  # type: ignore[method-assign]
+    gossip.__init__(Schedule(2, [[Group((0, 1))]]), rank, build_buckets([p], bucket_cap_mb=1e6),  # type: ignore[misc]
+                    ProcessGroups(None), pair_transport="allreduce" if name == "allreduce" else "auto",
+                    wire_dtype=torch.bfloat16 if name == "bf16" else None)
+
+    def round_() -> None:
+        gossip.launch()
+        gossip.apply()
+
+    return round_
+
+
+def measure(rank: int, world_size: int, numel: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one round per candidate (this rank's view)."""
+    x = torch.full((numel,), float(rank))
+    return {name: _time(_candidate(name, rank, x), repeats) for name in CANDIDATES}
+
+
+def _table(rows: list[dict[str, Any]], where: str) -> str:
+    head = f"{'elements':>12} {'MB':>7}" + "".join(f"{c + ' ms':>13}" for c in CANDIDATES)
+    lines = [where, head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['numel']:>12,} {r['numel'] * 4 / 1e6:>7.1f}" + "".join(f"{r[c] * 1e3:>13.2f}"
+                                                                                for c in CANDIDATES))
+    return "\n".join(lines)
+
+
+def _worker_main(args: argparse.Namespace) -> None:
+    """Run under torchrun on the emulated cluster: one rank per host."""
+    dist.init_process_group("gloo")
+    rows = []
     for numel in args.sizes:
-        res = run_local(_time_rounds, 2, numel, args.repeats, timeout=600)
-        p2p = max(r["p2p"] for r in res) * 1e3
-        ar = max(r["allreduce"] for r in res) * 1e3
-        bare = max(r["p2p-unchecked"] for r in res) * 1e3
-        print(f"{numel:>12,} {numel * 4 / 2**20:>8.1f} {p2p:>9.2f} {ar:>13.2f} {ar / p2p:>14.2f} {bare:>22.2f}",
-              flush=True)
+        r = measure(dist.get_rank(), dist.get_world_size(), numel, args.repeats)
+        everyone: list[Any] = [None, None]
+        dist.all_gather_object(everyone, r)
+        rows.append({"numel": numel, **{c: max(e[c] for e in everyone) for c in CANDIDATES}})
+    if dist.get_rank() == 0:
+        args.out.write_text(json.dumps(rows, indent=2))
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 3_200_000])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--cluster", metavar="RATE", help="run on 2 emulated hosts with links shaped to RATE")
+    parser.add_argument("--out", type=Path, default=Path("results/pairwise_exchange.json"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker_main(args)
+        return []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.cluster:
+        from cluster import Cluster, format_rate
+
+        with Cluster(hosts=2, rate=args.cluster) as cluster:
+            measured = cluster.measure_rate()
+            where = f"2 emulated hosts, link {args.cluster} (one TCP stream measured {format_rate(measured)})"
+            result = args.out.with_suffix(".worker.json").resolve()
+            procs = cluster.torchrun(Path(__file__).resolve(), ["--worker", "--out", str(result), "--repeats",
+                                                                str(args.repeats), "--sizes", *map(str, args.sizes)],
+                                     procs_per_host=1, log_dir=args.out.parent / "pairwise_logs")
+            cluster.wait(procs, timeout=1800, log_dir=args.out.parent / "pairwise_logs")
+            rows = json.loads(result.read_text())
+            result.unlink()
+    else:
+        where = f"2 gloo ranks over loopback ({os.cpu_count()} cores)"
+        rows = []
+        for numel in args.sizes:
+            res = run_local(measure, 2, numel, args.repeats, timeout=900)
+            rows.append({"numel": numel, **{c: max(r[c] for r in res) for c in CANDIDATES}})
+    print(_table(rows, where), flush=True)
+    args.out.write_text(json.dumps({"where": where, "rows": rows}, indent=2))
+    return rows
 
 
 if __name__ == "__main__":

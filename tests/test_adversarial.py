@@ -182,10 +182,12 @@ def _nan_on_one_rank(rank: int, world_size: int, check: bool) -> str:
 
     def run() -> float:
         for t in range(6):
+            g = torch.Generator().manual_seed(100 * rank + t)
+            opt.zero_grad()
+            model(torch.randn(4, 4, generator=g)).square().mean().backward()
             if rank == 3 and t == 2:
-                with torch.no_grad():
-                    model[0].weight[0, 0] = float("nan")
-            _step(model, opt, rank, t)
+                model[0].weight.grad[0, 0] = float("inf")  # a bad gradient: the local update goes non-finite
+            opt.step()
         return float(sum(p.detach().sum() for p in model.parameters()))
 
     return _outcome(run)
@@ -201,9 +203,32 @@ def test_non_finite_parameters_are_stopped_at_their_source_with_check_finite() -
 
 
 def test_without_check_finite_nan_spreads_to_every_rank() -> None:
-    # documented behaviour: gossip carries NaN to the peers within a few rounds
+    # documented behaviour: gossip carries the non-finite values to the peers within a few rounds
     for r in run_ranks(_nan_on_one_rank, 4, False, timeout=60):
-        assert r.startswith("ok:") and math.isnan(float(r[4:]))
+        assert r.startswith("ok:") and not math.isfinite(float(r[4:]))
+
+
+def _write_between_steps(rank: int, world_size: int) -> str:
+    model = _net()
+    opt = DecentOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1), topology="ring", timeout=TIMEOUT)
+
+    def run() -> None:
+        for t in range(5):
+            _step(model, opt, rank, t)
+            if rank == 2 and t == 1:
+                with torch.no_grad():
+                    model[0].weight.clamp_(-0.1, 0.1)  # while round 1 is being sent from these very values
+
+    return _outcome(run)
+
+
+def test_parameters_written_while_being_sent_raise_instead_of_reaching_the_peer_torn() -> None:
+    results = run_ranks(_write_between_steps, 4, timeout=60)
+    _assert_every_rank(results, {2: ("ValueError", r"modified in place between two step\(\) calls"),
+                                 0: ("GossipError", "rank 2 failed|did not complete"),
+                                 1: ("GossipError", "rank 2 failed|did not complete"),
+                                 3: ("GossipError", "rank 2 failed|did not complete")})
+    assert "rank 2 failed: its parameters were modified in place" in results[3]  # its next round's peer
 
 
 # ----------------------------------------------------------------------------- the model changed under the wrapper

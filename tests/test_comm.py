@@ -99,13 +99,15 @@ def _process_groups_created(rank: int, world_size: int) -> tuple[list, list]:
 
 def test_every_rank_names_every_group_and_joins_only_its_own() -> None:
     # 8 ranks, 2 nodes of 4: every rank creates every group of the schedule in the same order (torch names
-    # groups after a counter), but joins only its node's data group and gloo twin, and the world's control
-    # group; pairs go point to point on the world group
+    # groups after a counter), but joins only its node's data group and gloo twin, the world's control group,
+    # and the world's second data group (pairs go point to point on gloo, each direction on its own group)
+    world = list(range(8))
     for rank, (known, joined) in enumerate(run_ranks(_process_groups_created, 8)):
         nodes = [list(range(4)), list(range(4, 8))]
-        assert known == sorted([("control", list(range(8)))] + [(k, n) for n in nodes for k in ("control", "data")])
+        assert known == sorted([("control", world), ("data-back", world)]
+                               + [(k, n) for n in nodes for k in ("control", "data")])
         node = nodes[rank // 4]
-        assert joined == sorted([("control", node), ("control", list(range(8))), ("data", node)])
+        assert joined == sorted([("control", node), ("control", world), ("data", node), ("data-back", world)])
 
 
 def _killed_peer(rank: int, world_size: int, timeout: float) -> float:

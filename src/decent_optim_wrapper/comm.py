@@ -90,6 +90,7 @@ FAILURES = {
     1: "its parameters are no longer views into the buckets (their storage was replaced after wrapping)",
     2: "it has non-finite (inf/NaN) parameters",
     3: "it raised an exception",
+    4: "its parameters were modified in place while a round was sending them",
 }
 
 
@@ -188,7 +189,8 @@ class ProcessGroups:
         return tuple(global_rank(self.parent, r) for r in ranks)
 
     def prepare(self, specs: Sequence[tuple[tuple[int, ...], str]]) -> None:
-        """Create the groups ``(ranks, "data" | "control")`` (ranks of the parent), in this order, on every rank."""
+        """Create the groups ``(ranks, "data" | "data-back" | "control")`` (ranks of the parent), in this order, on
+        every rank."""
         for ranks, kind in specs:
             if kind == "data" and len(ranks) == self.world_size:
                 continue
@@ -199,6 +201,10 @@ class ProcessGroups:
         if len(ranks) == self.world_size:
             return self.parent
         return self._get(self.to_global(ranks), "data")
+
+    def data_back(self) -> dist.ProcessGroup:
+        """A second data group of every rank (gloo point to point: the direction back has its own connections)."""
+        return self._get(self.to_global(range(self.world_size)), "data-back")
 
     def control(self, ranks: Sequence[int] | None = None) -> dist.ProcessGroup:
         """The gloo control group of ``ranks`` (default: every rank of the parent)."""

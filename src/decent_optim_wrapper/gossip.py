@@ -13,6 +13,7 @@ the previous round (a thaw), so that ranks that disagree never line up data coll
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -61,6 +62,9 @@ class _InFlight:
     parts: list[tuple[Transport, list[int]]]
     works: list[dist.Work]
     stamp: StampExchange | None
+    # Version counters of the parameters of buckets sent with no copy, at launch: an in-place write while the
+    # send is in flight would reach the peer torn.
+    versions: list[tuple[int, list[int]]] = field(default_factory=list)
     settled: bool = False  # communication complete and checked; the result waits in the buffers
 
 
@@ -184,6 +188,7 @@ class Gossip:
         parts: list[tuple[Transport, list[int]]] = []
         works: list[dist.Work] = []
         sent = 0
+        versions: list[tuple[int, list[int]]] = []
         for compressed in (False, True):
             part = [i for i in ids if self._compressed(i) == compressed]
             if part:
@@ -192,8 +197,10 @@ class Gossip:
                 works += transport.launch(flats, part, self._buffer)
                 sent += transport.bytes_sent(flats)
                 parts.append((transport, part))
+                if transport.sends_buckets:
+                    versions += [(i, list(map(_VERSION, self.buckets[i].params))) for i in part]
         self._stats = CommStats(self._stats.rounds + 1, self._stats.bytes_sent + sent)
-        self._pending = _InFlight(t, group, parts, works, stamp)
+        self._pending = _InFlight(t, group, parts, works, stamp, versions)
 
     def fail(self, code: int) -> None:
         """Tell this round's peers that this rank failed (see :meth:`launch`); the round in flight is abandoned."""
@@ -211,16 +218,17 @@ class Gossip:
         for transport, ids in pending.parts:
             transport.apply([self.buckets[i].flat for i in ids], ids, self._buffer)
 
-    def _settle(self) -> _InFlight | None:
+    def _settle(self, check_writes: bool = True) -> _InFlight | None:
         """Wait for the round in flight (re-running it first after a resume) and check its stamp; keep it."""
         if self._relaunch:
             self._relaunch = False
             self.round -= 1
             self.launch()
-        return self._drain()
+        return self._drain(check_writes)
 
-    def _drain(self) -> _InFlight | None:
-        """Wait for the round in flight and check its stamp; keep it."""
+    def _drain(self, check_writes: bool = False) -> _InFlight | None:
+        """Wait for the round in flight and check its stamp (and, with ``check_writes``, that nobody wrote the
+        buckets it sent); keep it."""
         pending = self._pending
         if pending is None or pending.settled:
             return pending
@@ -233,7 +241,19 @@ class Gossip:
             self._pending = None
             raise
         pending.settled = True
+        if check_writes:
+            self._check_unchanged(pending)
         return pending
+
+    def _check_unchanged(self, pending: _InFlight) -> None:
+        for i, versions in pending.versions:
+            if list(map(_VERSION, self.buckets[i].params)) != versions:
+                self.fail(4)
+                raise ValueError(
+                    f"rank {self.rank}: parameters were modified in place between two step() calls (after round "
+                    f"{pending.index} was launched), while they were being sent to the peer: it may have received "
+                    "some old and some new values. Change parameters inside the step (a step post-hook on the "
+                    "inner optimizer runs before the round is launched), or call finish() before changing them.")
 
     def _wait_data(self, works: list[dist.Work], what: str) -> None:
         if self._stream_ordered:
@@ -256,7 +276,8 @@ class Gossip:
         The round in flight is set aside, not applied. With ``may_revert`` everything replaced is kept
         until :meth:`revert` (or dropped by :meth:`drop_held`).
         """
-        pending = self._settle()
+        # A round that will be dropped (no revert) may have sent torn values: every rank drops its own.
+        pending = self._settle(check_writes=may_revert)
         if may_revert and self._held is None:
             self._held = _Held([b.flat.clone() for b in self.buckets], pending, False,
                                [(t, t.clone()) for t in extras])
@@ -363,9 +384,16 @@ class Gossip:
                 for wire in (None, self.wire_dtype) if self.wire_dtype is not None else (None,):
                     if not choose(g, self.groups.backend, device, wire, self.pair_transport).point_to_point:
                         specs.append((g.ranks, "data"))
+                    elif self._two_connections(device):
+                        specs.append((tuple(range(self.groups.world_size)), "data-back"))
                 if g.size > 2 and self.check_rounds:
                     specs.append((g.ranks, "control"))
         return list(dict.fromkeys(specs))
+
+    def _two_connections(self, device: torch.device) -> bool:
+        """Point to point with each direction on a connection of its own: gloo (NCCL runs a batch both ways)."""
+        assert self.groups is not None
+        return device.type == "cpu" and "nccl" not in self.groups.backend
 
     def _compressed(self, i: int) -> bool:
         """Whether bucket ``i`` travels in the wire dtype (only where that dtype is narrower than its own)."""
@@ -382,10 +410,17 @@ class Gossip:
         if group.size == 2:
             other = group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1]
             peer = global_rank(self.groups.parent, other)
-        # Point-to-point goes on the gossip world's group (peers addressed by global rank); collectives on the
-        # group's own.
-        pg = self.groups.parent if cls.point_to_point else self.groups.data(group.ranks)
-        return cls(group, self.rank, pg, peer, self.tag, wire)
+        # Point-to-point goes on the gossip world's group (peers addressed by global rank), on gloo the lower rank
+        # of a pair sending on it and the higher on its twin; collectives go on the group's own.
+        pg, pg_back = self.groups.parent, None
+        if not cls.point_to_point:
+            pg = self.groups.data(group.ranks)
+        elif self._two_connections(device):
+            # the world group as an object: None would read as "one connection" in the transport
+            pg = pg if pg is not None else dist.group.WORLD
+            back = self.groups.data_back()
+            pg, pg_back = (pg, back) if self.rank < min(r for r in group.ranks if r != self.rank) else (back, pg)
+        return cls(group, self.rank, pg, peer, self.tag, wire, pg_back)
 
     def _buffer(self, i: int, slot: int, dtype: torch.dtype) -> torch.Tensor:
         key = (i, slot, dtype)
@@ -408,6 +443,7 @@ class Gossip:
 
 
 _ORPHANS: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
+_VERSION = operator.attrgetter("_version")
 
 
 def prune_orphans() -> None:

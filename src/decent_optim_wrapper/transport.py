@@ -4,16 +4,17 @@ Every transport has the same small interface: :meth:`Transport.launch` prepares 
 communication of a round for a list of buckets (non-blocking) and :meth:`Transport.apply` writes the mix
 into the buckets once the communication is complete. The arithmetic lives in :mod:`~decent_optim_wrapper.mixing`.
 
-=================  =========================================================================  =================
-transport          what travels                                                               mixing
-=================  =========================================================================  =================
-``P2PPair``        a pair swaps its buckets point to point (sent as they are, nothing to      ``pair_mix_``
-                   prepare; the peer's lands in a buffer)
-``AllReducePair``  a pair, or any group: ``c*x`` summed by an all-reduce                      ``group_mix_``
-``P2PPairQ``       a pair swaps its buckets rounded to the wire dtype                         ``compressed_mix_``
-``AllGatherQ``     a group gathers every member's rounded bucket (the sum is then formed      ``compressed_mix_``
-                   in full precision, identically on every member)
-=================  =========================================================================  =================
+=======================  ==================================================================  ===================
+transport                what travels                                                        mixing
+=======================  ==================================================================  ===================
+``P2PPair``              a pair swaps its buckets point to point (sent as they are, nothing  ``pair_mix_``
+                         to prepare; the peer's lands in a buffer); on gloo each direction
+                         on a connection of its own
+``AllReduceSum``         ``c*x`` summed over the group by an all-reduce (any group size)     ``group_mix_``
+``P2PPairCompressed``    a pair swaps its buckets rounded to the wire dtype                  ``compressed_mix_``
+``AllGatherCompressed``  every member's rounded bucket gathered on every member (the sum is  ``compressed_mix_``
+                         then formed exactly, identically on every member)
+=======================  ==================================================================  ===================
 
 Which one a group gets is :func:`choose` 's decision, per backend and device (see there for the figures).
 """
@@ -29,12 +30,15 @@ import torch.distributed as dist
 from .mixing import compressed_mix_, group_mix_, pair_mix_, quantize, scale_for_sum
 from .topo import Group
 
-__all__ = ["Transport", "P2PPair", "AllReducePair", "P2PPairQ", "AllGatherQ", "choose", "PAIR_TRANSPORTS"]
+__all__ = ["Transport", "P2PPair", "AllReduceSum", "P2PPairCompressed", "AllGatherCompressed", "choose",
+           "PAIR_TRANSPORTS"]
 
 # A buffer of the gossip state: (bucket index, slot, dtype) -> tensor the size of the bucket.
 BufferFn = Callable[[int, int, torch.dtype], torch.Tensor]
 
 PAIR_TRANSPORTS = ("auto", "p2p", "allreduce")
+# The largest group that gathers compressed values; larger ones all-reduce in full precision (fewer bytes).
+COMPRESSED_GATHER_MAX = 3
 
 
 class Transport(ABC):
@@ -47,13 +51,18 @@ class Transport(ABC):
         peer: the peer's default-group rank, for point-to-point pairs.
         tag: base tag of point-to-point messages (gloo keeps tags apart; NCCL ignores them and relies on
             every rank issuing its exchanges in the same order, which the callers guarantee).
+        wire_dtype: what compressed transports send.
+        pg_back: point to point on gloo: the group this rank receives on (it sends on ``pg``; its peer the
+            other way round), so that each direction has a connection of its own.
     """
 
     point_to_point = False  # True: addresses the peer by global rank on the gossip world's group
+    sends_buckets = False  # True: sends the buckets themselves (no copy), so they must not change in flight
 
     def __init__(self, group: Group, rank: int, pg: dist.ProcessGroup | None, peer: int | None = None,
-                 tag: int = 0, wire_dtype: torch.dtype | None = None) -> None:
+                 tag: int = 0, wire_dtype: torch.dtype | None = None, pg_back: dist.ProcessGroup | None = None) -> None:
         self.group, self.rank, self.pg, self.peer, self.tag, self.wire_dtype = group, rank, pg, peer, tag, wire_dtype
+        self.pg_back = pg_back
 
     @abstractmethod
     def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
@@ -68,19 +77,40 @@ class Transport(ABC):
         """Bytes this rank sends for the round (ring all-reduce and all-gather: the usual 2(k-1)/k, (k-1)/k)."""
 
 
+def _exchange(pairs: list[tuple[torch.Tensor, torch.Tensor]], peer: int, pg: dist.ProcessGroup | None,
+              pg_back: dist.ProcessGroup | None, tag: int) -> list[dist.Work]:
+    """Send each ``out`` to ``peer`` and receive its ``in``, for ``(out, in)`` in ``pairs``.
+
+    With ``pg_back`` (gloo) this rank sends on ``pg`` and receives on ``pg_back``, while the peer does the
+    opposite: each direction has a TCP connection of its own. gloo takes turns between the two directions of
+    one connection, so this halves the time of an exchange on a real link (``benchmarks/pairwise_exchange.py``).
+    Without it (NCCL) both directions go in one batch, which NCCL runs at once (unbatched, two ranks that both
+    send first would wait for each other).
+    """
+    if pg_back is None:
+        ops = []
+        for i, (out, inp) in enumerate(pairs):
+            ops += [dist.P2POp(dist.isend, out, peer, pg, tag=tag + i),  # type: ignore[arg-type]
+                    dist.P2POp(dist.irecv, inp, peer, pg, tag=tag + i)]  # type: ignore[arg-type]
+        return dist.batch_isend_irecv(ops)
+    works = []
+    for i, (out, inp) in enumerate(pairs):
+        works.append(dist.isend(out, peer, group=pg, tag=tag + i))
+        works.append(dist.irecv(inp, peer, group=pg_back, tag=tag + i))
+    return [w for w in works if w is not None]
+
+
 class P2PPair(Transport):
-    """A pair swaps its buckets point to point; the bucket is sent as it is (nothing writes it before the
-    next step waits for the send)."""
+    """A pair swaps its buckets point to point; the bucket is sent as it is, with no copy (nothing may write
+    it before the next step waits for the send: :class:`~decent_optim_wrapper.gossip.Gossip` checks)."""
 
     point_to_point = True
+    sends_buckets = True
 
     def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
-        ops = []
-        for flat, i in zip(flats, ids):
-            recv = buffer(i, 0, flat.dtype)
-            ops += [dist.P2POp(dist.isend, flat, self.peer, self.pg, tag=self.tag + i),  # type: ignore[arg-type]
-                    dist.P2POp(dist.irecv, recv, self.peer, self.pg, tag=self.tag + i)]  # type: ignore[arg-type]
-        return dist.batch_isend_irecv(ops)
+        assert self.peer is not None
+        return _exchange([(f, buffer(i, 0, f.dtype)) for f, i in zip(flats, ids)], self.peer, self.pg,
+                         self.pg_back, self.tag)
 
     def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
         for flat, i in zip(flats, ids):
@@ -90,7 +120,7 @@ class P2PPair(Transport):
         return sum(f.numel() * f.element_size() for f in flats)
 
 
-class AllReducePair(Transport):
+class AllReduceSum(Transport):
     """``c*x`` summed over the group by an all-reduce (any group size; a pair over a 2-member group)."""
 
     def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
@@ -109,21 +139,16 @@ class AllReducePair(Transport):
         return sum(f.numel() * f.element_size() for f in flats) * 2 * (k - 1) // k
 
 
-class P2PPairQ(Transport):
+class P2PPairCompressed(Transport):
     """A pair swaps its buckets rounded to the wire dtype (slot 0: this rank's, slot 1: the peer's)."""
 
     point_to_point = True
 
     def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
-        ops = []
         wire = self.wire_dtype
-        assert wire is not None  # set by choose() for every compressed transport
-        for flat, i in zip(flats, ids):
-            mine = quantize(flat, buffer(i, 0, wire))
-            ops += [dist.P2POp(dist.isend, mine, self.peer, self.pg, tag=self.tag + i),  # type: ignore[arg-type]
-                    dist.P2POp(dist.irecv, buffer(i, 1, wire), self.peer, self.pg,  # type: ignore[arg-type]
-                               tag=self.tag + i)]
-        return dist.batch_isend_irecv(ops)
+        assert wire is not None and self.peer is not None  # set by Gossip for every compressed pair
+        pairs = [(quantize(f, buffer(i, 0, wire)), buffer(i, 1, wire)) for f, i in zip(flats, ids)]
+        return _exchange(pairs, self.peer, self.pg, self.pg_back, self.tag)
 
     def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
         wire = self.wire_dtype
@@ -137,7 +162,7 @@ class P2PPairQ(Transport):
         return sum(f.numel() for f in flats) * size
 
 
-class AllGatherQ(Transport):
+class AllGatherCompressed(Transport):
     """Every member's bucket, rounded to the wire dtype, gathered on every member (slot j: member j's)."""
 
     def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
@@ -169,14 +194,18 @@ def choose(group: Group, backend: str, device: torch.device, wire_dtype: torch.d
            pair_transport: str = "auto") -> type[Transport]:
     """The transport for a group of two or more ranks.
 
-    * Pairs on gloo with CPU tensors: point to point (fewer passes over memory: nothing to scale before
-      sending). Measured: see ``benchmarks/README.md``.
+    * Pairs on gloo with CPU tensors: point to point, each direction on a connection of its own. Measured
+      (``benchmarks/pairwise_exchange.py``, 12.8 MB): on a 1 Gbit/s emulated link 111 ms against 215 ms on one
+      connection and 113 ms for a 2-rank all-reduce (107 ms one way); over loopback 12.2 ms against 15.4 and
+      18.6 ms, and ahead at every size from 0.4 to 40 MB.
     * Pairs with CUDA tensors on gloo: gloo has no point-to-point for CUDA tensors (it aborts the process),
       so they use the collectives.
     * Pairs on NCCL: point to point (one exchange each way, no scaling pass; a 2-rank all-reduce moves the
       same bytes in two phases).
-    * Larger groups: an all-reduce of ``c*x`` in full precision; with a wire dtype, an all-gather of the
-      rounded values (a low-precision all-reduce would round the sum itself, and the mean would drift).
+    * Larger groups: an all-reduce of ``c*x`` in full precision. With a wire dtype, groups of three gather
+      every member's rounded values (a low-precision all-reduce would round the sum itself, and the mean
+      would drift): each member sends ``2(k-1)`` bytes per element in bfloat16 against ``8(k-1)/k`` for a
+      float32 ring all-reduce, which is less only for ``k < 4``; larger groups stay in full precision.
 
     ``pair_transport`` (``"p2p"`` or ``"allreduce"``) overrides the choice for full-precision pairs.
     """
@@ -185,9 +214,9 @@ def choose(group: Group, backend: str, device: torch.device, wire_dtype: torch.d
     p2p_ok = not (device.type == "cuda" and "nccl" not in backend)
     if group.size == 2 and p2p_ok:
         if wire_dtype is not None:
-            return P2PPairQ
+            return P2PPairCompressed
         if pair_transport != "allreduce":
             return P2PPair
-    if wire_dtype is not None:
-        return AllGatherQ
-    return AllReducePair
+    if wire_dtype is not None and group.size <= COMPRESSED_GATHER_MAX:
+        return AllGatherCompressed
+    return AllReduceSum
