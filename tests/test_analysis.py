@@ -148,3 +148,39 @@ def test_analysis_command_line() -> None:
     bad = subprocess.run([sys.executable, "-m", "decent_optim_wrapper.analysis", "nope", "4"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Unknown topology='nope'" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- the cost model, by hand
+def test_cost_model_by_hand() -> None:
+    from decent_optim_wrapper.analysis import Network, predict_ddp, predict_gossip
+
+    net = Network(bandwidth=10.0)  # bytes/s
+    # DDP: compute + ring all-reduce 2(n-1)/n * M / B = 1 + 1.5 * 100 / 10
+    assert predict_ddp(4, 100.0, 1.0, net) == 16.0
+    assert predict_ddp(4, 100.0, 1.0, net, wire_bytes=2) == 8.5  # bf16 hook: half the bytes
+    assert predict_ddp(4, 100.0, 1.0, net, overlap=0.5) == 8.5
+    # a pair: the whole model each way at once, overlapping compute: the longer of the two
+    assert predict_gossip("ring", 4, 100.0, 1.0, net) == 10.0
+    assert predict_gossip("ring", 4, 100.0, 20.0, net) == 20.0
+    assert predict_gossip("one-peer-exp", 4, 100.0, 1.0, net, wire_bytes=2) == 5.0
+    # 2 hosts x 2 ranks: one-peer-exp pairs inside a host (free), then across, where both ranks of a host
+    # share its link (2M / B); averaged over the 2 rounds of the period
+    assert predict_gossip("one-peer-exp", 4, 100.0, 1.0, net, local_world_size=2) == (1.0 + 20.0) / 2
+    # complete: a ring all-reduce in full precision; with a wire dtype groups of 4 stay in full precision
+    assert predict_gossip("complete", 4, 100.0, 1.0, net) == 15.0
+    assert predict_gossip("complete", 4, 100.0, 1.0, net, wire_bytes=2) == 15.0
+    assert predict_gossip("complete", 3, 90.0, 1.0, net, wire_bytes=2) == 9.0  # all-gather: 2 halves of 90
+    # latency: one message per pair and round
+    assert predict_gossip("ring", 4, 100.0, 1.0, Network(10.0, latency=0.5)) == 10.5
+
+
+def test_cost_model_cli_covers_large_world_sizes() -> None:
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "decent_optim_wrapper.analysis", "predict", "--model-mb", "13.3",
+                          "--compute-ms", "241", "--bandwidth", "957mbit", "--world-sizes", "8", "4096",
+                          "--topologies", "ring", "one-peer-exp"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = {tuple(line.split()[:2]): line.split() for line in out.stdout.splitlines() if line[:6].strip().isdigit()}
+    assert float(lines[("4096", "ddp")][3]) == 1.0
+    assert float(lines[("4096", "one-peer-exp")][3]) < 1.0
+    assert time.monotonic() - t0 < 60

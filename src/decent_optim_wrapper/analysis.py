@@ -1,7 +1,10 @@
-"""What a topology costs and how fast it mixes, computed from its schedule alone (no process group).
+"""What a topology costs and how fast it mixes, computed from its schedule alone (no process group), and
+what time per iteration a cluster will see.
 
     python -m decent_optim_wrapper.analysis ring 16
     python -m decent_optim_wrapper.analysis all 24 --local-world-size 4
+    python -m decent_optim_wrapper.analysis predict --model-mb 13.3 --compute-ms 241 --bandwidth 1gbit \
+        --world-sizes 8 64 1024 [--local-world-size 8] [--wire bf16] [--latency-us 50]
 
 For a topology and world size: rounds per period, peers per worker per round, bytes each worker sends per
 step as a multiple of the model size (next to ring all-reduce's ``2(n-1)/n``), and the consensus rate: the
@@ -17,8 +20,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .topo import Group, Schedule, Topology, TopologyFactory
+from .transport import COMPRESSED_GATHER_MAX
 
-__all__ = ["TopologyReport", "mixing_matrix", "period_matrix", "bytes_per_step", "analyze"]
+__all__ = ["TopologyReport", "mixing_matrix", "period_matrix", "bytes_per_step", "analyze", "Network",
+           "predict_gossip", "predict_ddp", "predict_table"]
 
 # Below this, a period's product is taken to equal the exact average (float64 round-off of ~log2(n) rounds).
 EXACT_TOL = 1e-9
@@ -102,6 +107,111 @@ def analyze(topology: str | Topology, world_size: int | None = None, local_world
     )
 
 
+# ----------------------------------------------------------------------------- cost model
+@dataclass(frozen=True)
+class Network:
+    """What the model needs to know about a cluster.
+
+    Args:
+        bandwidth: bytes/s a host can send on its link while receiving as much (a full-duplex port); measure
+            it (``benchmarks/cluster.py`` prints one TCP stream's rate).
+        latency: seconds per message, one way.
+        intra_bandwidth: bytes/s between ranks of one host (NVLink, shared memory, ``lo``).
+    """
+
+    bandwidth: float
+    latency: float = 0.0
+    intra_bandwidth: float = float("inf")
+
+
+def _transfer(nbytes: float, messages: int, bandwidth: float, latency: float) -> float:
+    return messages * latency + nbytes / bandwidth
+
+
+def _round_time(groups: tuple[Group, ...], local: int, model_bytes: float, wire: float, net: Network) -> float:
+    """Seconds until the slowest member of a round has its result (groups of ``local`` consecutive ranks share
+    a host and its link)."""
+    host_out: dict[int, float] = {}  # bytes each host's link carries in this round
+    intra = 0.0
+    for g in groups:
+        k = g.size
+        if k == 1:
+            continue
+        hosts = {r // local for r in g.ranks}
+        if k == 2:
+            sent = model_bytes * wire  # a pair: the whole model each way, both ways at once
+        elif wire < 1.0 and k <= COMPRESSED_GATHER_MAX:
+            sent = model_bytes * wire * (k - 1)  # small compressed groups all-gather
+        else:
+            sent = model_bytes * 2.0 * (k - 1) / k  # ring all-reduce in full precision
+        if len(hosts) == 1:
+            intra = max(intra, _transfer(sent, 2 * (k - 1), net.intra_bandwidth, 0.0))
+            continue
+        for r in g.ranks:  # what crosses a host boundary: every member's share, on its host's link
+            if k == 2 or len(hosts) == k:
+                host_out[r // local] = host_out.get(r // local, 0.0) + sent
+            else:  # a ring over members sorted by host crosses each host's boundary once per direction
+                host_out[r // local] = max(host_out.get(r // local, 0.0), sent)
+    link = max(host_out.values(), default=0.0) / net.bandwidth
+    if host_out:
+        messages = 1 if max(g.size for g in groups) == 2 else 2 * (max(g.size for g in groups) - 1)
+        link += messages * net.latency
+    return max(link, intra)
+
+
+def predict_gossip(topology: str, world_size: int, model_bytes: float, compute_s: float, net: Network,
+                   local_world_size: int = 1, wire_bytes: int = 4, apply_s: float = 0.0) -> float:
+    """Predicted seconds per iteration of ``DecentOptimWrapper`` with ``topology``.
+
+    A round's communication overlaps the next forward and backward, so an iteration takes the longer of the
+    two; ``apply_s`` is the local cost of preparing and applying a round (memory passes), which does not
+    overlap. Averaged over the schedule's period.
+    """
+    s = TopologyFactory.create(topology, 0, world_size, local_world_size).schedule()
+    wire = wire_bytes / 4.0
+    times = [max(compute_s + apply_s, _round_time(r, local_world_size, model_bytes, wire, net)) for r in s.rounds]
+    return sum(times) / len(times)
+
+
+def predict_ddp(world_size: int, model_bytes: float, compute_s: float, net: Network, local_world_size: int = 1,
+                wire_bytes: int = 4, overlap: float = 0.0) -> float:
+    """Predicted seconds per iteration of ``DistributedDataParallel`` (ring all-reduce of the gradients).
+
+    ``overlap``: the fraction of the all-reduce hidden behind backward (DDP overlaps its buckets with the rest
+    of backward; with gloo on busy CPUs little of it, measured near 0 on the emulated cluster; NCCL on GPUs more).
+    """
+    n = world_size
+    if n == 1:
+        return compute_s
+    hosts = -(-n // local_world_size)
+    nbytes = model_bytes * wire_bytes / 4.0 * 2.0 * (n - 1) / n
+    bandwidth = net.bandwidth if hosts > 1 else net.intra_bandwidth
+    comm = _transfer(nbytes, 2 * (n - 1), bandwidth, net.latency if hosts > 1 else 0.0)
+    return compute_s + (1.0 - overlap) * comm
+
+
+def predict_table(world_sizes: list[int], model_bytes: float, compute_s: float, net: Network,
+                  local_world_size: int = 1, topologies: list[str] | None = None,
+                  ddp_overlap: float = 0.0) -> list[dict[str, float | int | str]]:
+    """Rows ``{"world_size", "method", "iter_s", "vs_ddp"}`` for DDP, DDP + bf16 and each topology (full
+    precision and bf16)."""
+    rows: list[dict[str, float | int | str]] = []
+    for n in world_sizes:
+        ddp = predict_ddp(n, model_bytes, compute_s, net, local_world_size, 4, ddp_overlap)
+        ddp16 = predict_ddp(n, model_bytes, compute_s, net, local_world_size, 2, ddp_overlap)
+        rows += [{"world_size": n, "method": "ddp", "iter_s": ddp, "vs_ddp": 1.0},
+                 {"world_size": n, "method": "ddp-bf16", "iter_s": ddp16, "vs_ddp": ddp16 / ddp}]
+        for name in topologies or TopologyFactory.available():
+            for wire in (4, 2):
+                try:
+                    t = predict_gossip(name, n, model_bytes, compute_s, net, local_world_size, wire)
+                except ValueError:  # e.g. alternating-exp-ring where local_world_size does not divide n
+                    continue
+                rows.append({"world_size": n, "method": name + ("+bf16" if wire == 2 else ""), "iter_s": t,
+                             "vs_ddp": t / ddp})
+    return rows
+
+
 def _format(reports: list[TopologyReport]) -> str:
     head = (f"{'topology':<22}{'n':>6}{'L':>4}{'period':>8}{'peers/round':>13}{'sent/step':>11}"
             f"{'(max)':>7}{'all-reduce':>12}{'consensus rate':>16}{'per step':>10}")
@@ -117,9 +227,52 @@ def _format(reports: list[TopologyReport]) -> str:
     return "\n".join(rows)
 
 
+def _parse_rate(text: str) -> float:
+    """``"1gbit"``, ``"100mbit"``, ``"10gbit"`` or bit/s -> bytes/s."""
+    t = text.lower().strip()
+    for suffix, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)):
+        if t.endswith(suffix):
+            return float(t[: -len(suffix)]) * scale / 8
+    return float(t) / 8
+
+
+def _predict_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m decent_optim_wrapper.analysis predict",
+                                     description="Predicted time per iteration of DDP and each topology.")
+    parser.add_argument("--model-mb", type=float, required=True, help="parameter bytes, MB (1e6)")
+    parser.add_argument("--compute-ms", type=float, required=True,
+                        help="forward + backward + local step with no communication, ms")
+    parser.add_argument("--bandwidth", default="1gbit", help="each host link, each direction (e.g. 1gbit, 10gbit)")
+    parser.add_argument("--latency-us", type=float, default=0.0, help="per message, one way")
+    parser.add_argument("--intra-bandwidth", default=None, help="between ranks of one host (default: unlimited)")
+    parser.add_argument("--local-world-size", type=int, default=1, help="ranks per host (sharing its link)")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 16, 64, 256, 1024])
+    parser.add_argument("--topologies", nargs="+", default=None)
+    parser.add_argument("--ddp-overlap", type=float, default=0.0, help="fraction of DDP's all-reduce hidden")
+    args = parser.parse_args(argv)
+    if max(args.world_sizes) > 4096 or min(args.world_sizes) < 1:
+        parser.error("--world-sizes must be between 1 and 4096")
+    net = Network(_parse_rate(args.bandwidth), args.latency_us * 1e-6,
+                  _parse_rate(args.intra_bandwidth) if args.intra_bandwidth else float("inf"))
+    rows = predict_table(args.world_sizes, args.model_mb * 1e6, args.compute_ms * 1e-3, net, args.local_world_size,
+                         args.topologies, args.ddp_overlap)
+    print(f"{'n':>6}  {'method':<26}{'iter ms':>10}{'x DDP':>8}")
+    for r in rows:
+        print(f"{r['world_size']:>6}  {r['method']:<26}{float(r['iter_s']) * 1e3:>10.1f}{float(r['vs_ddp']):>8.2f}")
+    print("Model: DDP = compute + ring all-reduce of the gradients (no overlap unless --ddp-overlap); gossip = the "
+          "longer of compute and the round's exchange on the busiest host link, averaged over the period.")
+
+
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["predict"]:
+        _predict_main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m decent_optim_wrapper.analysis",
-                                     description="Cost and mixing speed of gossip topologies.")
+                                     description="Cost and mixing speed of gossip topologies "
+                                                 "('predict --help' for the cost model).")
     parser.add_argument("topology", help=f"one of {TopologyFactory.available()} or 'all'")
     parser.add_argument("world_size", type=int)
     parser.add_argument("--local-world-size", type=int, default=1, help="ranks per node (hierarchical topologies)")
