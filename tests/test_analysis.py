@@ -172,6 +172,22 @@ def test_cost_model_by_hand() -> None:
     assert predict_gossip("complete", 3, 90.0, 1.0, net, wire_bytes=2) == 9.0  # all-gather: 2 halves of 90
     # latency: one message per pair and round
     assert predict_gossip("ring", 4, 100.0, 1.0, Network(10.0, latency=0.5)) == 10.5
+    # the host's share of moving bytes is not hidden: a pair moves 2M (sent and received), DDP 2 * 1.5M
+    cpu = Network(bandwidth=10.0, host_s_per_byte=0.01)
+    assert predict_gossip("ring", 4, 100.0, 1.0, cpu) == 10.0  # 1 + 2 < 10: still the link's
+    assert predict_gossip("ring", 4, 100.0, 9.0, cpu) == 11.0  # 9 + 2 > 10
+    assert predict_ddp(4, 100.0, 1.0, cpu) == 1.0 + 3.0 + 15.0
+
+
+@pytest.mark.parametrize("kwargs", [{"bandwidth": 0.0}, {"bandwidth": -1.0}, {"bandwidth": float("nan")},
+                                    {"bandwidth": 1.0, "latency": -1.0}, {"bandwidth": 1.0, "intra_bandwidth": 0.0},
+                                    {"bandwidth": 1.0, "host_s_per_byte": float("inf")}])
+def test_network_rejects_bad_values_by_name(kwargs: dict[str, float]) -> None:
+    from decent_optim_wrapper.analysis import Network
+
+    bad = [k for k in kwargs if k != "bandwidth"] or ["bandwidth"]
+    with pytest.raises(ValueError, match=f"Invalid {bad[0]}="):
+        Network(**kwargs)
 
 
 def test_cost_model_cli_covers_large_world_sizes() -> None:

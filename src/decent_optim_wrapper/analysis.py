@@ -15,6 +15,7 @@ workers hold the exact average after every period, and ``rate**(1/T)`` is the pe
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -117,22 +118,38 @@ class Network:
             it (``benchmarks/cluster.py`` prints one TCP stream's rate).
         latency: seconds per message, one way.
         intra_bandwidth: bytes/s between ranks of one host (NVLink, shared memory, ``lo``).
+        host_s_per_byte: seconds of a rank's own time per byte it sends or receives, which no overlap hides:
+            0 where a NIC or a copy engine moves the data (NCCL on GPUs); on CPU hosts the kernel's copies and
+            gloo's reductions run on the cores the computation needs (about 1e-9 on the 2-core emulated
+            cluster: ``pairwise_exchange.py`` on loopback, 25.6 MB moved per rank in 12.6 ms on a core of its
+            own, doubled for 4 ranks on 2 cores).
     """
 
     bandwidth: float
     latency: float = 0.0
     intra_bandwidth: float = float("inf")
+    host_s_per_byte: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("bandwidth", "intra_bandwidth"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Invalid {name}={getattr(self, name)!r}: must be a positive number of bytes/s")
+        for name in ("latency", "host_s_per_byte"):
+            if not getattr(self, name) >= 0 or math.isinf(getattr(self, name)):
+                raise ValueError(f"Invalid {name}={getattr(self, name)!r}: must be finite and >= 0")
 
 
 def _transfer(nbytes: float, messages: int, bandwidth: float, latency: float) -> float:
     return messages * latency + nbytes / bandwidth
 
 
-def _round_time(groups: tuple[Group, ...], local: int, model_bytes: float, wire: float, net: Network) -> float:
+def _round_time(groups: tuple[Group, ...], local: int, model_bytes: float, wire: float,
+                net: Network) -> tuple[float, float]:
     """Seconds until the slowest member of a round has its result (groups of ``local`` consecutive ranks share
-    a host and its link)."""
+    a host and its link), and the most bytes one rank sends and receives in it."""
     host_out: dict[int, float] = {}  # bytes each host's link carries in this round
     intra = 0.0
+    moved = 0.0
     for g in groups:
         k = g.size
         if k == 1:
@@ -144,6 +161,7 @@ def _round_time(groups: tuple[Group, ...], local: int, model_bytes: float, wire:
             sent = model_bytes * wire * (k - 1)  # small compressed groups all-gather
         else:
             sent = model_bytes * 2.0 * (k - 1) / k  # ring all-reduce in full precision
+        moved = max(moved, 2.0 * sent)  # as much received as sent
         if len(hosts) == 1:
             intra = max(intra, _transfer(sent, 2 * (k - 1), net.intra_bandwidth, 0.0))
             continue
@@ -156,7 +174,7 @@ def _round_time(groups: tuple[Group, ...], local: int, model_bytes: float, wire:
     if host_out:
         messages = 1 if max(g.size for g in groups) == 2 else 2 * (max(g.size for g in groups) - 1)
         link += messages * net.latency
-    return max(link, intra)
+    return max(link, intra), moved
 
 
 def predict_gossip(topology: str, world_size: int, model_bytes: float, compute_s: float, net: Network,
@@ -164,12 +182,15 @@ def predict_gossip(topology: str, world_size: int, model_bytes: float, compute_s
     """Predicted seconds per iteration of ``DecentOptimWrapper`` with ``topology``.
 
     A round's communication overlaps the next forward and backward, so an iteration takes the longer of the
-    two; ``apply_s`` is the local cost of preparing and applying a round (memory passes), which does not
-    overlap. Averaged over the schedule's period.
+    two; ``apply_s`` (preparing and applying a round: memory passes) and the host's share of moving the bytes
+    (:attr:`Network.host_s_per_byte`) do not overlap. Averaged over the schedule's period.
     """
     s = TopologyFactory.create(topology, 0, world_size, local_world_size).schedule()
     wire = wire_bytes / 4.0
-    times = [max(compute_s + apply_s, _round_time(r, local_world_size, model_bytes, wire, net)) for r in s.rounds]
+    times = []
+    for r in s.rounds:
+        link, moved = _round_time(r, local_world_size, model_bytes, wire, net)
+        times.append(max(compute_s + apply_s + moved * net.host_s_per_byte, link))
     return sum(times) / len(times)
 
 
@@ -187,7 +208,7 @@ def predict_ddp(world_size: int, model_bytes: float, compute_s: float, net: Netw
     nbytes = model_bytes * wire_bytes / 4.0 * 2.0 * (n - 1) / n
     bandwidth = net.bandwidth if hosts > 1 else net.intra_bandwidth
     comm = _transfer(nbytes, 2 * (n - 1), bandwidth, net.latency if hosts > 1 else 0.0)
-    return compute_s + (1.0 - overlap) * comm
+    return compute_s + 2.0 * nbytes * net.host_s_per_byte + (1.0 - overlap) * comm
 
 
 def predict_table(world_sizes: list[int], model_bytes: float, compute_s: float, net: Network,
@@ -245,6 +266,8 @@ def _predict_main(argv: list[str]) -> None:
     parser.add_argument("--bandwidth", default="1gbit", help="each host link, each direction (e.g. 1gbit, 10gbit)")
     parser.add_argument("--latency-us", type=float, default=0.0, help="per message, one way")
     parser.add_argument("--intra-bandwidth", default=None, help="between ranks of one host (default: unlimited)")
+    parser.add_argument("--host-ns-per-byte", type=float, default=0.0,
+                        help="a rank's CPU time per byte sent or received, not hidden by overlap (0 on GPUs)")
     parser.add_argument("--local-world-size", type=int, default=1, help="ranks per host (sharing its link)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 16, 64, 256, 1024])
     parser.add_argument("--topologies", nargs="+", default=None)
@@ -252,8 +275,14 @@ def _predict_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if max(args.world_sizes) > 4096 or min(args.world_sizes) < 1:
         parser.error("--world-sizes must be between 1 and 4096")
-    net = Network(_parse_rate(args.bandwidth), args.latency_us * 1e-6,
-                  _parse_rate(args.intra_bandwidth) if args.intra_bandwidth else float("inf"))
+    if not args.model_mb > 0 or not args.compute_ms >= 0:
+        parser.error("--model-mb must be > 0 and --compute-ms >= 0")
+    try:
+        net = Network(_parse_rate(args.bandwidth), args.latency_us * 1e-6,
+                      _parse_rate(args.intra_bandwidth) if args.intra_bandwidth else float("inf"),
+                      args.host_ns_per_byte * 1e-9)
+    except ValueError as e:
+        parser.error(str(e))
     rows = predict_table(args.world_sizes, args.model_mb * 1e6, args.compute_ms * 1e-3, net, args.local_world_size,
                          args.topologies, args.ddp_overlap)
     print(f"{'n':>6}  {'method':<26}{'iter ms':>10}{'x DDP':>8}")
