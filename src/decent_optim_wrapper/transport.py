@@ -195,9 +195,9 @@ def choose(group: Group, backend: str, device: torch.device, wire_dtype: torch.d
     """The transport for a group of two or more ranks.
 
     * Pairs on gloo with CPU tensors: point to point, each direction on a connection of its own. Measured
-      (``benchmarks/pairwise_exchange.py``, 12.8 MB): on a 1 Gbit/s emulated link 111 ms against 215 ms on one
-      connection and 113 ms for a 2-rank all-reduce (107 ms one way); over loopback 12.2 ms against 15.4 and
-      18.6 ms, and ahead at every size from 0.4 to 40 MB.
+      (``benchmarks/pairwise_exchange.py``, 12.8 MB): on a 1 Gbit/s emulated link 113 ms against 216 ms on one
+      connection and 114 ms for a 2-rank all-reduce (107 ms one way); over loopback 12.6 ms against 13.8 and
+      15.0 ms, and ahead at every size from 0.4 to 40 MB (``benchmarks/results/pairwise/``).
     * Pairs with CUDA tensors on gloo: gloo has no point-to-point for CUDA tensors (it aborts the process),
       so they use the collectives.
     * Pairs on NCCL: point to point (one exchange each way, no scaling pass; a 2-rank all-reduce moves the
