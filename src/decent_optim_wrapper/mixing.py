@@ -33,11 +33,16 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["pair_mix_", "scale_for_sum", "group_mix_", "quantize", "compressed_mix_", "COMPRESSED_CHUNK"]
+__all__ = ["pair_mix_", "scale_for_sum", "group_mix_", "quantize", "compressed_mix_", "COMPRESSED_CHUNK",
+           "COMPRESSED_CHUNK_CUDA"]
 
-# Elements per chunk of the compressed mix: bounds its float32 scratch to 16 MiB whatever the bucket size
-# (a bucket-sized temporary every round costs page faults on the CPU and memory on the GPU).
-COMPRESSED_CHUNK = 1 << 22
+# Elements per chunk of the compressed mix, which bounds its scratch whatever the bucket size (a bucket-sized
+# temporary every round costs memory on the GPU). On the CPU the chunk is small enough that the scratch stays
+# in the allocator's reused memory and in cache: a pair of 3.2M elements mixes in 5.5 ms on one core with
+# chunks of 2^18 against 22 ms with 2^22, which page-faults a fresh 16 MiB every round; same values. On CUDA
+# (the caching allocator, no page faults) large chunks keep the number of kernel launches low.
+COMPRESSED_CHUNK = 1 << 18
+COMPRESSED_CHUNK_CUDA = 1 << 22
 
 
 @torch.no_grad()
@@ -83,7 +88,7 @@ def compressed_mix_(x: torch.Tensor, q_self: torch.Tensor, q_group: Sequence[tor
     """
     k = len(q_group)
     n = x.numel()
-    chunk = COMPRESSED_CHUNK
+    chunk = COMPRESSED_CHUNK if x.device.type == "cpu" else COMPRESSED_CHUNK_CUDA
     # A pair's q_j - q_i is exact in x's dtype; a larger group's sum of k quantised values is exact only in
     # float64 (values of different magnitudes need more than float32's 24 bits), and an inexact sum would move
     # the group's mean by its rounding every round.
