@@ -149,9 +149,13 @@ def summarise(method: str, per_rank: list[dict[str, Any]], cfg: dict[str, Any]) 
     wire = statistics.mean(c["wire_tx"] for c in hosts) / steps
     points = curve(per_rank)
     tail = max(1, steps // 10)
+    slowest = max(per_rank, key=lambda r: statistics.mean(r["iter_s"][warm:]))
     return {
         "method": method,
         "iter_ms": max(statistics.mean(r["iter_s"][warm:]) for r in per_rank) * 1e3,
+        # the slowest rank's breakdown (the iteration time is the slowest rank's too)
+        **{f"{part}_ms": statistics.mean(slowest[f"{part}_s"][warm:]) * 1e3
+           for part in ("step", "inner", "wait") if f"{part}_s" in slowest},
         "train_s": points[-1][1],
         "wire_bytes_per_host_step": wire,
         "wire_x_model": wire / param_bytes,

@@ -5,6 +5,7 @@ talks over ``GLOO_SOCKET_IFNAME``. The worker trains ``--steps`` steps of the wo
 writes ``rank<r>.json`` into ``--out``:
 
 - the training wall-clock at each evaluation point (evaluation excluded), the training loss of every step;
+- each step's time, its time in ``opt.step()``, in the inner optimizer's step and blocked on a gossip round;
 - on each host's local rank 0, the byte counters of the host's shaped interface and of ``lo`` over the
   training window (between a barrier before the first step and one after the last), so every method's traffic
   is counted the same way, on the wire;
@@ -35,7 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads  # noqa: E402  (a sibling file, not a package)
 
-from decent_optim_wrapper import DecentOptimWrapper  # noqa: E402
+from decent_optim_wrapper import DecentOptimWrapper, transport  # noqa: E402
 
 DDP_METHODS = ("ddp", "ddp-bf16")
 
@@ -91,6 +92,8 @@ def main() -> None:
     a = p.parse_args()
 
     _log("started")
+    if "DOW_PIECE" in os.environ:  # a sweep of the piece size (benchmarks/README.md): not a setting of the package
+        transport.PIECE = int(os.environ["DOW_PIECE"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=a.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -111,6 +114,13 @@ def main() -> None:
             torch.save(torch.cat([q.detach().reshape(-1) for q in params]), snap_dir / f"{step}.{rank}.pt")
 
     train_s, clock, losses, iter_s = 0.0, {}, [], []
+    # Where a step's time goes: in opt.step() (for gossip: the wait, the mix, the inner step, the next launch), in
+    # the inner optimizer's own step (timed by torch's public step hooks), and blocked on a round (comm_stats).
+    step_s, inner_s, wait_s = [], [], []
+    inner_t0 = [0.0]
+    inner.register_step_pre_hook(lambda *_: inner_t0.__setitem__(0, time.perf_counter()))
+    inner.register_step_post_hook(lambda *_: inner_s.append(time.perf_counter() - inner_t0[0]))
+    waited = (lambda: opt.comm_stats.wait_s) if isinstance(opt, DecentOptimWrapper) else (lambda: 0.0)
     dist.barrier()
     _log("model and optimizer built, training starts")
     before = _counters(ifname) if local_rank == 0 else None
@@ -122,7 +132,10 @@ def main() -> None:
         opt.zero_grad()
         loss = wl.loss(model, step)
         loss.backward()
+        t1, w0 = time.perf_counter(), waited()
         opt.step()
+        step_s.append(time.perf_counter() - t1)
+        wait_s.append(waited() - w0)
         sched.step()
         dt = time.perf_counter() - t0
         train_s += dt
@@ -149,7 +162,8 @@ def main() -> None:
     out = {
         "rank": rank, "host": int(os.environ["DOW_HOST"]), "local_rank": local_rank, "world_size": world,
         "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]), "clock": clock, "losses": losses,
-        "iter_s": iter_s, "val_loss": scored, "describe": wl.describe,
+        "iter_s": iter_s, "step_s": step_s, "inner_s": inner_s, "wait_s": wait_s, "val_loss": scored,
+        "describe": wl.describe,
         "param_bytes": sum(q.numel() * q.element_size() for q in params),
         "counters": None if before is None or after is None else {k: after[k] - before[k] for k in before},
     }

@@ -268,3 +268,51 @@ def test_compressed_gossip_keeps_the_global_mean_on_four_ranks(wire: torch.dtype
         per_round = results[0][name]["sent"] / results[0][name]["rounds"]
         if name in ("ring", "one-peer-exp"):
             assert per_round == 1024 * 2
+
+
+# ----------------------------------------------------------------------------- pieces
+def _start(rank: int, n: int) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(100 + rank)) * (rank + 1)
+
+
+def _streamed_rounds(rank: int, world_size: int, n: int, wire: torch.dtype | None, rounds: int) -> dict:
+    p = torch.nn.Parameter(torch.zeros(n))
+    q = torch.nn.Parameter(torch.zeros(7))  # a second, small bucket: pieces of several buckets in one round
+    opt = DecentOptimWrapper(torch.optim.SGD([p, q], lr=0.0), topology="one-peer-exp", wire_dtype=wire,
+                             bucket_cap_mb=n * 4 / 2**20, timeout=60)
+    with torch.no_grad():  # after wrapping, which starts every rank from rank 0's parameters
+        p.copy_(_start(rank, n))
+        q.copy_(_start(rank, 7))
+    for _ in range(rounds + 1):
+        opt.step()
+    # as numpy arrays: tensors would travel back through shared memory that dies with the worker
+    return {"p": p.detach().numpy().copy(), "q": q.detach().numpy().copy(), "buckets": len(opt.buckets),
+            "wait_s": opt.comm_stats.wait_s}
+
+
+@pytest.mark.parametrize("wire", [None, torch.bfloat16])
+def test_buckets_larger_than_a_piece_stream_to_the_same_bits(wire: torch.dtype | None) -> None:
+    from decent_optim_wrapper.transport import PIECE
+
+    n, rounds, world_size = 2 * PIECE + 12345, 3, 4  # three pieces, the last one short
+    results = run_ranks(_streamed_rounds, world_size, n, wire, rounds, timeout=120)
+    assert all(r["buckets"] == 2 for r in results)
+    assert all(r["wait_s"] >= 0.0 for r in results)
+    # the oracle: whole tensors in one process, each pair mixed as x/2 + y/2 (full precision) or, compressed,
+    # x + 1/2 (Q(y) - Q(x)) with the difference formed in float32
+    schedule = TopologyFactory.create("one-peer-exp", 0, world_size).schedule()
+    for name, size in (("p", n), ("q", 7)):
+        xs = [_start(r, size) for r in range(world_size)]
+        for t in range(rounds):
+            new = list(xs)
+            for group in schedule.rounds[t % schedule.period]:
+                a, b = group.ranks
+                if wire is None:
+                    new[a], new[b] = xs[a] * 0.5 + xs[b] * 0.5, xs[b] * 0.5 + xs[a] * 0.5
+                else:
+                    qa, qb = xs[a].to(wire).float(), xs[b].to(wire).float()
+                    new[a], new[b] = xs[a] + 0.5 * (qb - qa), xs[b] + 0.5 * (qa - qb)
+            xs = new
+        for r in range(world_size):
+            torch.testing.assert_close(torch.from_numpy(results[r][name]), xs[r], rtol=0, atol=0,
+                                       msg=f"{name} rank {r}")

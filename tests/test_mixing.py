@@ -11,6 +11,7 @@ import torch
 from decent_optim_wrapper.mixing import (
     COMPRESSED_CHUNK,
     compressed_mix_,
+    compressed_pair_mix_,
     group_mix_,
     pair_mix_,
     quantize,
@@ -57,6 +58,19 @@ def test_compressed_mix_by_hand() -> None:
     out = compressed_mix_(x.clone(), qx, [qx, qy], 0.5)
     # x += 1/2 (q_y - q_x): moves by half the quantised difference; equal quantised values leave x untouched
     assert out.tolist() == [1.0 + 2**-8, 1.0 + 2**-9, 3.0]
+
+
+def test_compressed_pair_mix_by_hand() -> None:
+    x = torch.tensor([1.0, 1.0 + 2**-9, 3.0, -2.0])
+    y = torch.tensor([1.0 + 2**-7, 1.0, 3.0 + 2**-12, 2.0 ** 20])
+    qx, qy = x.to(torch.bfloat16), y.to(torch.bfloat16)
+    out_x = compressed_pair_mix_(x.clone(), qx, qy, 0.5)
+    out_y = compressed_pair_mix_(y.clone(), qy, qx, 0.5)
+    assert out_x.tolist() == [1.0 + 2**-8, 1.0 + 2**-9, 3.0, -2.0 + (2.0**20 + 2.0) / 2]
+    # the two corrections are each other's negation to the last bit: the pair's sum moves by the final roundings only
+    assert ((out_x - x) + (out_y - y)).tolist() == [0.0, 0.0, 0.0, 0.0]
+    # the same as the group form with k = 2 wherever the latter's sum is exact
+    assert torch.equal(out_x, compressed_mix_(x.clone(), qx, [qx, qy], 0.5))
 
 
 def test_compressed_mix_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:

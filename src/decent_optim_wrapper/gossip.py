@@ -14,7 +14,10 @@ the previous round (a thaw), so that ranks that disagree never line up data coll
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -25,7 +28,7 @@ from loguru import logger
 from .buckets import Bucket
 from .comm import GossipError, Op, ProcessGroups, Stamp, StampExchange, digest32, global_rank, wait_all
 from .topo import Group, Schedule
-from .transport import Transport, choose
+from .transport import Piece, Transport, choose
 
 __all__ = ["Gossip", "CommStats", "next_instance"]
 
@@ -47,25 +50,31 @@ def next_instance(groups: ProcessGroups) -> int:
 @dataclass(frozen=True)
 class CommStats:
     """Communication so far: ``rounds`` launched that moved data, ``bytes_sent`` by this rank (parameters
-    only; the stamps are a few dozen bytes a round)."""
+    only; the stamps are a few dozen bytes a round), and ``wait_s``, the seconds this rank's host spent blocked
+    waiting for rounds to complete: the communication training did not hide (on NCCL the host does not
+    block, so it counts only the stamps)."""
 
     rounds: int = 0
     bytes_sent: int = 0
+    wait_s: float = 0.0
 
 
 @dataclass
 class _InFlight:
-    """A launched round whose result is not yet applied: per transport, the buckets it carries."""
+    """A launched round whose result is not yet applied: its pieces, in the order they are applied."""
 
     index: int
     group: Group
-    parts: list[tuple[Transport, list[int]]]
-    works: list[dist.Work]
+    pieces: list[Piece]
     stamp: StampExchange | None
     # Version counters of the parameters of buckets sent with no copy, at launch: an in-place write while the
     # send is in flight would reach the peer torn.
     versions: list[tuple[int, list[int]]] = field(default_factory=list)
     settled: bool = False  # communication complete and checked; the result waits in the buffers
+
+    @property
+    def works(self) -> list[dist.Work]:
+        return [w for piece in self.pieces for w in piece.works]
 
 
 @dataclass
@@ -185,8 +194,7 @@ class Gossip:
                 _ORPHANS.append((stamp.works, []))
             return
         self._active = ids
-        parts: list[tuple[Transport, list[int]]] = []
-        works: list[dist.Work] = []
+        pieces: list[Piece] = []
         sent = 0
         versions: list[tuple[int, list[int]]] = []
         for compressed in (False, True):
@@ -194,13 +202,12 @@ class Gossip:
             if part:
                 transport = self._transports[group.ranks, compressed]
                 flats = [self.buckets[i].flat for i in part]
-                works += transport.launch(flats, part, self._buffer)
-                sent += transport.bytes_sent(flats)
-                parts.append((transport, part))
-                if transport.sends_buckets:
+                if transport.sends_buckets:  # before the launch: the first pieces may be on the wire at once
                     versions += [(i, list(map(_VERSION, self.buckets[i].params))) for i in part]
-        self._stats = CommStats(self._stats.rounds + 1, self._stats.bytes_sent + sent)
-        self._pending = _InFlight(t, group, parts, works, stamp, versions)
+                pieces += transport.launch(flats, part, self._buffer, tag=len(pieces))
+                sent += transport.bytes_sent(flats)
+        self._stats = replace(self._stats, rounds=self._stats.rounds + 1, bytes_sent=self._stats.bytes_sent + sent)
+        self._pending = _InFlight(t, group, pieces, stamp, versions)
 
     def fail(self, code: int) -> None:
         """Tell this round's peers that this rank failed (see :meth:`launch`); the round in flight is abandoned."""
@@ -210,20 +217,31 @@ class Gossip:
         self.launch(failed=code)
 
     def apply(self) -> None:
-        """Wait for the round in flight and write its result into the buckets."""
-        pending = self._settle()
+        """Wait for the round in flight and write its result into the buckets, piece by piece: a piece is mixed
+        as soon as it has arrived, while the next ones are still on their way."""
+        pending = self._relaunched()
         if pending is None:
             return
+        if not pending.settled:
+            self._verify(pending, check_writes=True)
         self._pending = None
-        for transport, ids in pending.parts:
-            transport.apply([self.buckets[i].flat for i in ids], ids, self._buffer)
+        for piece in pending.pieces:
+            if not pending.settled:
+                with self._waiting(pending) as what:
+                    self._wait_data(piece.works, what)
+            piece.mix()
 
-    def _settle(self, check_writes: bool = True) -> _InFlight | None:
-        """Wait for the round in flight (re-running it first after a resume) and check its stamp; keep it."""
+    def _relaunched(self) -> _InFlight | None:
+        """The round in flight, launched again first if this rank resumed with it in flight."""
         if self._relaunch:
             self._relaunch = False
             self.round -= 1
             self.launch()
+        return self._pending
+
+    def _settle(self, check_writes: bool = True) -> _InFlight | None:
+        """Wait for the round in flight (re-running it first after a resume) and check it; keep it."""
+        self._relaunched()
         return self._drain(check_writes)
 
     def _drain(self, check_writes: bool = False) -> _InFlight | None:
@@ -232,18 +250,33 @@ class Gossip:
         pending = self._pending
         if pending is None or pending.settled:
             return pending
-        what = f"averaging round {pending.index} with ranks {list(pending.group.ranks)}"
-        try:
-            if pending.stamp is not None:
-                pending.stamp.verify(self.timeout, what)
+        self._verify(pending, check_writes)
+        with self._waiting(pending) as what:
             self._wait_data(pending.works, what)
+        pending.settled = True
+        return pending
+
+    def _verify(self, pending: _InFlight, check_writes: bool) -> None:
+        """Check the stamp of the round in flight (waiting for the peers' stamps) and, with ``check_writes``,
+        that nobody wrote the buckets it sends while they were being sent."""
+        if pending.stamp is not None:
+            with self._waiting(pending) as what:
+                pending.stamp.verify(self.timeout, what)
+        if check_writes:
+            self._check_unchanged(pending)
+
+    @contextmanager
+    def _waiting(self, pending: _InFlight) -> Iterator[str]:
+        """Around a wait for the round in flight: gives what to call it in errors, counts the time in
+        :attr:`stats`, and forgets the round if it failed (the process group is unusable then)."""
+        start = time.perf_counter()
+        try:
+            yield f"averaging round {pending.index} with ranks {list(pending.group.ranks)}"
         except GossipError:
             self._pending = None
             raise
-        pending.settled = True
-        if check_writes:
-            self._check_unchanged(pending)
-        return pending
+        finally:
+            self._stats = replace(self._stats, wait_s=self._stats.wait_s + time.perf_counter() - start)
 
     def _check_unchanged(self, pending: _InFlight) -> None:
         for i, versions in pending.versions:

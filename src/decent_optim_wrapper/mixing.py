@@ -22,9 +22,10 @@ half a wire ulp. The symmetric correction
 
 changes the sum over the group by nothing but the rounding of the final additions (the corrections of the
 members cancel), and members whose values round alike get a zero correction. For a pair the correction is
-``c*(q_j - q_i)``, exact in float32; a larger group forms ``S - k*q_i`` in float64, where the sum of
-bfloat16/float16 values is exact, so the corrections cancel to the last bit and only the final addition rounds.
-:func:`compressed_mix_` implements it for pairs and groups alike.
+``c*(q_j - q_i)`` (:func:`compressed_pair_mix_`): the difference is formed in ``x``'s dtype, where the two
+members' differences are each other's negation to the last bit; a larger group (:func:`compressed_mix_`) forms
+``S - k*q_i`` in float64, where the sum of bfloat16/float16 values is exact, so the corrections cancel to the
+last bit and only the final addition rounds.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["pair_mix_", "scale_for_sum", "group_mix_", "quantize", "compressed_mix_", "COMPRESSED_CHUNK",
-           "COMPRESSED_CHUNK_CUDA"]
+__all__ = ["pair_mix_", "scale_for_sum", "group_mix_", "quantize", "compressed_pair_mix_", "compressed_mix_",
+           "COMPRESSED_CHUNK", "COMPRESSED_CHUNK_CUDA"]
 
 # Elements per chunk of the compressed mix, which bounds its scratch whatever the bucket size (a bucket-sized
 # temporary every round costs memory on the GPU). On the CPU the chunk is small enough that the scratch stays
@@ -77,6 +78,30 @@ def quantize(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(x)
 
 
+def _chunk(x: torch.Tensor) -> int:
+    return COMPRESSED_CHUNK if x.device.type == "cpu" else COMPRESSED_CHUNK_CUDA
+
+
+@torch.no_grad()
+def compressed_pair_mix_(x: torch.Tensor, q_self: torch.Tensor, q_peer: torch.Tensor,
+                         peer_weight: float) -> torch.Tensor:
+    """``x <- x + peer_weight * (q_peer - q_self)``, in place; returns ``x``.
+
+    The pair's case of :func:`compressed_mix_` in three passes instead of four: the difference is formed in
+    ``x``'s dtype (the peer forms its exact negation), then scaled and added once.
+    """
+    n = x.numel()
+    chunk = _chunk(x)
+    scratch = torch.empty(min(n, chunk), dtype=x.dtype, device=x.device)
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        s = scratch[:size]
+        s.copy_(q_peer[start:start + size])
+        s.sub_(q_self[start:start + size])
+        x[start:start + size].add_(s, alpha=peer_weight)
+    return x
+
+
 @torch.no_grad()
 def compressed_mix_(x: torch.Tensor, q_self: torch.Tensor, q_group: Sequence[torch.Tensor],
                     peer_weight: float) -> torch.Tensor:
@@ -88,7 +113,7 @@ def compressed_mix_(x: torch.Tensor, q_self: torch.Tensor, q_group: Sequence[tor
     """
     k = len(q_group)
     n = x.numel()
-    chunk = COMPRESSED_CHUNK if x.device.type == "cpu" else COMPRESSED_CHUNK_CUDA
+    chunk = _chunk(x)
     # A pair's q_j - q_i is exact in x's dtype; a larger group's sum of k quantised values is exact only in
     # float64 (values of different magnitudes need more than float32's 24 bits), and an inexact sum would move
     # the group's mean by its rounding every round.

@@ -1,44 +1,72 @@
 """Transports: how one group's buckets travel in a round, and which mixing arithmetic turns them into the result.
 
 Every transport has the same small interface: :meth:`Transport.launch` prepares and starts the
-communication of a round for a list of buckets (non-blocking) and :meth:`Transport.apply` writes the mix
-into the buckets once the communication is complete. The arithmetic lives in :mod:`~decent_optim_wrapper.mixing`.
+communication of a round for a list of buckets (non-blocking) and returns it as :class:`Piece` s, each the
+communication of one part of a bucket and the mix that writes that part's result once the communication is
+complete. The arithmetic lives in :mod:`~decent_optim_wrapper.mixing`.
 
-=======================  ==================================================================  ===================
+=======================  ==================================================================  ========================
 transport                what travels                                                        mixing
-=======================  ==================================================================  ===================
+=======================  ==================================================================  ========================
 ``P2PPair``              a pair swaps its buckets point to point (sent as they are, nothing  ``pair_mix_``
                          to prepare; the peer's lands in a buffer); on gloo each direction
                          on a connection of its own
 ``AllReduceSum``         ``c*x`` summed over the group by an all-reduce (any group size)     ``group_mix_``
-``P2PPairCompressed``    a pair swaps its buckets rounded to the wire dtype                  ``compressed_mix_``
+``P2PPairCompressed``    a pair swaps its buckets rounded to the wire dtype                  ``compressed_pair_mix_``
 ``AllGatherCompressed``  every member's rounded bucket gathered on every member (the sum is  ``compressed_mix_``
                          then formed exactly, identically on every member)
-=======================  ==================================================================  ===================
+=======================  ==================================================================  ========================
 
-Which one a group gets is :func:`choose` 's decision, per backend and device (see there for the figures).
+**Pieces.** On the CPU, pairs move a bucket in pieces of :data:`PIECE` elements, so that the round streams:
+the first piece's mix runs while the next ones are still arriving, and (compressed) a piece is rounded while
+the one before it is on the wire. When the link is the bottleneck this takes the mix and the rounding off
+the critical path, which is otherwise communication, then the mix, the inner step and the next launch one
+after another. The arithmetic is elementwise, so the result is bit for bit the same. Collectives move whole
+buckets (an all-reduce of a piece sums in another order than one of the bucket), and so do CUDA tensors (the
+host never waits for them; more pieces would only mean more kernel launches).
+
+Which transport a group gets is :func:`choose` 's decision, per backend and device (see there for the figures).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from .mixing import compressed_mix_, group_mix_, pair_mix_, quantize, scale_for_sum
+from .mixing import compressed_mix_, compressed_pair_mix_, group_mix_, pair_mix_, quantize, scale_for_sum
 from .topo import Group
 
-__all__ = ["Transport", "P2PPair", "AllReduceSum", "P2PPairCompressed", "AllGatherCompressed", "choose",
-           "PAIR_TRANSPORTS"]
+__all__ = ["Transport", "Piece", "PIECE", "P2PPair", "AllReduceSum", "P2PPairCompressed", "AllGatherCompressed",
+           "choose", "PAIR_TRANSPORTS"]
 
 # A buffer of the gossip state: (bucket index, slot, dtype) -> tensor the size of the bucket.
 BufferFn = Callable[[int, int, torch.dtype], torch.Tensor]
 
 PAIR_TRANSPORTS = ("auto", "p2p", "allreduce")
+# Elements per piece of a pair's bucket on the CPU (see the module docstring; measured in benchmarks/README.md).
+PIECE = 1 << 19
 # The largest group that gathers compressed values; larger ones all-reduce in full precision (fewer bytes).
 COMPRESSED_GATHER_MAX = 3
+
+
+@dataclass
+class Piece:
+    """Part of a launched round: the communication it waits for, and the mix that writes its result."""
+
+    works: list[dist.Work]
+    mix: Callable[[], object]
+
+
+def spans(flat: torch.Tensor) -> list[tuple[int, int]]:
+    """``(start, end)`` of the pieces a pair moves ``flat`` in: :data:`PIECE` elements on the CPU, else one."""
+    n = flat.numel()
+    step = PIECE if flat.device.type == "cpu" else max(n, 1)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 class Transport(ABC):
@@ -65,39 +93,43 @@ class Transport(ABC):
         self.pg_back = pg_back
 
     @abstractmethod
-    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
-        """Prepare and start the communication for buckets ``flats`` (``ids``: their indices for ``buffer``)."""
-
-    @abstractmethod
-    def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
-        """Write the mix into ``flats``; the communication has completed."""
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0) -> list[Piece]:
+        """Prepare and start the communication for buckets ``flats`` (``ids``: their indices for ``buffer``);
+        point-to-point messages take tags from :attr:`tag` ``+ tag`` on, one per piece."""
 
     @abstractmethod
     def bytes_sent(self, flats: list[torch.Tensor]) -> int:
         """Bytes this rank sends for the round (ring all-reduce and all-gather: the usual 2(k-1)/k, (k-1)/k)."""
 
+    def _exchange(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], tag: int,
+                  prepare: Callable[[int], object] | None = None) -> list[list[dist.Work]]:
+        """Send each ``out`` to the peer and receive its ``in``, for ``(out, in)`` in ``pairs``; the works per pair.
 
-def _exchange(pairs: list[tuple[torch.Tensor, torch.Tensor]], peer: int, pg: dist.ProcessGroup | None,
-              pg_back: dist.ProcessGroup | None, tag: int) -> list[dist.Work]:
-    """Send each ``out`` to ``peer`` and receive its ``in``, for ``(out, in)`` in ``pairs``.
-
-    With ``pg_back`` (gloo) this rank sends on ``pg`` and receives on ``pg_back``, while the peer does the
-    opposite: each direction has a TCP connection of its own. gloo takes turns between the two directions of
-    one connection, so this halves the time of an exchange on a real link (``benchmarks/pairwise_exchange.py``).
-    Without it (NCCL) both directions go in one batch, which NCCL runs at once (unbatched, two ranks that both
-    send first would wait for each other).
-    """
-    if pg_back is None:
-        ops = []
-        for i, (out, inp) in enumerate(pairs):
-            ops += [dist.P2POp(dist.isend, out, peer, pg, tag=tag + i),  # type: ignore[arg-type]
-                    dist.P2POp(dist.irecv, inp, peer, pg, tag=tag + i)]  # type: ignore[arg-type]
-        return dist.batch_isend_irecv(ops)
-    works = []
-    for i, (out, inp) in enumerate(pairs):
-        works.append(dist.isend(out, peer, group=pg, tag=tag + i))
-        works.append(dist.irecv(inp, peer, group=pg_back, tag=tag + i))
-    return [w for w in works if w is not None]
+        ``prepare(j)`` runs just before pair ``j`` is sent (it fills ``out``), so that preparing a pair overlaps
+        sending the ones before it. With :attr:`pg_back` (gloo) this rank sends on :attr:`pg` and receives on
+        ``pg_back``, while the peer does the opposite: each direction has a TCP connection of its own. gloo takes
+        turns between the two directions of one connection, so this halves the time of an exchange on a real
+        link (``benchmarks/pairwise_exchange.py``). Every receive is posted before the first send, so that a piece
+        can land while the later ones are still being prepared. Without ``pg_back`` (NCCL) both directions of a
+        pair go in one batch, which NCCL runs at once (unbatched, two ranks that both send first would wait for
+        each other).
+        """
+        peer, pg, back, tag = self.peer, self.pg, self.pg_back, self.tag + tag
+        assert peer is not None  # set by Gossip for every point-to-point transport
+        out: list[list[dist.Work]] = []
+        if back is None:
+            for j, (send, recv) in enumerate(pairs):
+                if prepare is not None:
+                    prepare(j)
+                out.append(dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peer, pg, tag=tag + j),  # type: ignore[arg-type]
+                                                   dist.P2POp(dist.irecv, recv, peer, pg, tag=tag + j)]))  # type: ignore[arg-type]
+            return out
+        recvs = [dist.irecv(recv, peer, group=back, tag=tag + j) for j, (_, recv) in enumerate(pairs)]
+        for j, ((send, _), recv_work) in enumerate(zip(pairs, recvs)):
+            if prepare is not None:
+                prepare(j)
+            out.append([w for w in (dist.isend(send, peer, group=pg, tag=tag + j), recv_work) if w is not None])
+        return out
 
 
 class P2PPair(Transport):
@@ -107,14 +139,11 @@ class P2PPair(Transport):
     point_to_point = True
     sends_buckets = True
 
-    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
-        assert self.peer is not None
-        return _exchange([(f, buffer(i, 0, f.dtype)) for f, i in zip(flats, ids)], self.peer, self.pg,
-                         self.pg_back, self.tag)
-
-    def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
-        for flat, i in zip(flats, ids):
-            pair_mix_(flat, buffer(i, 0, flat.dtype), self.group.self_weight)
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0) -> list[Piece]:
+        parts = [(flat[a:b], buffer(i, 0, flat.dtype)[a:b]) for flat, i in zip(flats, ids)
+                 for a, b in spans(flat)]
+        w = self.group.self_weight
+        return [Piece(works, partial(pair_mix_, x, y, w)) for (x, y), works in zip(parts, self._exchange(parts, tag))]
 
     def bytes_sent(self, flats: list[torch.Tensor]) -> int:
         return sum(f.numel() * f.element_size() for f in flats)
@@ -123,16 +152,13 @@ class P2PPair(Transport):
 class AllReduceSum(Transport):
     """``c*x`` summed over the group by an all-reduce (any group size; a pair over a 2-member group)."""
 
-    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
-        works = []
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0) -> list[Piece]:
+        pieces = []
         for flat, i in zip(flats, ids):
             buf = scale_for_sum(flat, self.group.peer_weight, buffer(i, 0, flat.dtype))
-            works.append(dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.pg, async_op=True))
-        return works
-
-    def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
-        for flat, i in zip(flats, ids):
-            group_mix_(flat, buffer(i, 0, flat.dtype), self.group.self_weight, self.group.peer_weight)
+            work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.pg, async_op=True)
+            pieces.append(Piece([work], partial(group_mix_, flat, buf, self.group.self_weight, self.group.peer_weight)))
+        return pieces
 
     def bytes_sent(self, flats: list[torch.Tensor]) -> int:
         k = self.group.size
@@ -144,18 +170,16 @@ class P2PPairCompressed(Transport):
 
     point_to_point = True
 
-    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0) -> list[Piece]:
         wire = self.wire_dtype
-        assert wire is not None and self.peer is not None  # set by Gossip for every compressed pair
-        pairs = [(quantize(f, buffer(i, 0, wire)), buffer(i, 1, wire)) for f, i in zip(flats, ids)]
-        return _exchange(pairs, self.peer, self.pg, self.pg_back, self.tag)
-
-    def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
-        wire = self.wire_dtype
-        assert wire is not None
-        for flat, i in zip(flats, ids):
-            mine, theirs = buffer(i, 0, wire), buffer(i, 1, wire)
-            compressed_mix_(flat, mine, [mine, theirs], self.group.peer_weight)
+        assert wire is not None  # set by Gossip for every compressed transport
+        parts = [(flat[a:b], buffer(i, 0, wire)[a:b], buffer(i, 1, wire)[a:b]) for flat, i in zip(flats, ids)
+                 for a, b in spans(flat)]
+        works = self._exchange([(mine, theirs) for _, mine, theirs in parts], tag,
+                               lambda j: quantize(parts[j][0], parts[j][1]))
+        c = self.group.peer_weight
+        return [Piece(w, partial(compressed_pair_mix_, x, mine, theirs, c))
+                for (x, mine, theirs), w in zip(parts, works)]
 
     def bytes_sent(self, flats: list[torch.Tensor]) -> int:
         size = torch.empty((), dtype=self.wire_dtype).element_size()
@@ -165,24 +189,17 @@ class P2PPairCompressed(Transport):
 class AllGatherCompressed(Transport):
     """Every member's bucket, rounded to the wire dtype, gathered on every member (slot j: member j's)."""
 
-    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> list[dist.Work]:
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0) -> list[Piece]:
         wire = self.wire_dtype
         assert wire is not None
         me = self.group.ranks.index(self.rank)
-        works = []
+        pieces = []
         for flat, i in zip(flats, ids):
             slots = [buffer(i, j, wire) for j in range(self.group.size)]
             quantize(flat, slots[me])
-            works.append(dist.all_gather(slots, slots[me], group=self.pg, async_op=True))
-        return works
-
-    def apply(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn) -> None:
-        wire = self.wire_dtype
-        assert wire is not None
-        me = self.group.ranks.index(self.rank)
-        for flat, i in zip(flats, ids):
-            slots = [buffer(i, j, wire) for j in range(self.group.size)]
-            compressed_mix_(flat, slots[me], slots, self.group.peer_weight)
+            work = dist.all_gather(slots, slots[me], group=self.pg, async_op=True)
+            pieces.append(Piece([work], partial(compressed_mix_, flat, slots[me], slots, self.group.peer_weight)))
+        return pieces
 
     def bytes_sent(self, flats: list[torch.Tensor]) -> int:
         size = torch.empty((), dtype=self.wire_dtype).element_size()
