@@ -182,9 +182,9 @@ def fmt_mb(x: float) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'method':<22}{'iter ms':>9}{'x local':>8}{'link MB':>9}{'x model':>8}{'lo MB':>7}{'val loss':>9}"
-            f"{'steps to':>9}{'s to':>7}{'train s':>8}")
-    sub = (f"{'':<22}{'':>9}{'':>8}{'/host/st':>9}{'':>8}{'/h/st':>7}{'(end)':>9}{'target':>9}{'target':>7}"
+    head = (f"{'method':<22}{'iter ms':>9}{'wait ms':>8}{'x local':>8}{'link MB':>9}{'x model':>8}{'lo MB':>7}"
+            f"{'val loss':>9}{'steps to':>9}{'s to':>7}{'train s':>8}")
+    sub = (f"{'':<22}{'':>9}{'':>8}{'':>8}{'/host/st':>9}{'':>8}{'/h/st':>7}{'(end)':>9}{'target':>9}{'target':>7}"
            f"{'':>8}")
     base = next((r["iter_ms"] for r in rows if r["method"] == "local"), None)
     lines = [head, sub, "-" * len(head)]
@@ -194,7 +194,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         steps_to = str(r["steps_to_target"]) if reached else "-"
         s_to = f"{r['s_to_target']:.1f}" if reached else "never"
         lines.append(
-            f"{r['method']:<22}{r['iter_ms']:>9.1f}{ratio:>8}{fmt_mb(r['wire_bytes_per_host_step']):>9}"
+            f"{r['method']:<22}{r['iter_ms']:>9.1f}{r.get('wait_ms', 0.0):>8.1f}{ratio:>8}"
+            f"{fmt_mb(r['wire_bytes_per_host_step']):>9}"
             f"{r['wire_x_model']:>7.2f}x{fmt_mb(r['local_bytes_per_host_step']):>7}{r['final_val_loss']:>9.4f}"
             f"{steps_to:>9}{s_to:>7}"
             f"{r['train_s']:>8.1f}"
@@ -343,7 +344,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"\n{cfg['describe']}.")
     print(f"Target validation loss {cfg['target_val_loss']:.4f}: {cfg['target_rule']}; reached where the "
           "globally averaged model's loss crosses it, linear between evaluations.")
-    print(f"iter ms: mean time per iteration after the first 10% of steps, slowest rank; x local: over the "
+    print(f"iter ms: mean time per iteration after the first 10% of steps, slowest rank; wait ms: of it, blocked on "
+          f"gossip rounds (comm_stats.wait_s; DDP's wait is inside backward); x local: over the "
           f"no-communication run. link MB/host/st: bytes each host sent on its shaped link per step; lo MB: "
           f"between ranks of one host. {steps} steps per method, {time.time() - t_start:.0f} s in all. "
           f"Written to {out}/: summary.json, summary.csv, curves.csv, val_loss_vs_time.png, val_loss_vs_step.png")

@@ -1,13 +1,16 @@
 """Check the cost model of ``decent_optim_wrapper.analysis`` against emulated-cluster measurements.
 
-    uv run python benchmarks/cost_model_check.py benchmarks/results/cluster/*/summary.json
+    uv run python benchmarks/cost_model_check.py benchmarks/results/cluster/lm-4x1-1gbit/summary.json ...
+
+(every summary given must have the ``ddp`` and ``local`` runs: they give the model's inputs)
 
 For each ``cluster_compare.py`` summary: the model's inputs are taken from that run alone (model bytes from
-the bytes counted per step, compute from its no-communication run ``local``, bandwidth from the TCP stream
-measured on its link, no latency: the cluster adds none); the host's CPU cost per byte moved comes from the
-loopback pairwise exchange (``results/pairwise/loopback.json``: the largest tensor's two-connection exchange,
-on a core per rank there, scaled by the ranks per core of the cluster run). Nothing is fitted to the figures
-it predicts. Prints predicted against measured time per iteration and the error; writes JSON with ``--out``.
+the bytes counted per step, compute and the optimizer's step from its no-communication run ``local``,
+bandwidth from the TCP stream measured on its link, no latency: the cluster adds none); the host's CPU cost per
+byte moved comes from the loopback pairwise exchange (``results/pairwise/loopback.json``: the largest tensor's
+two-connection exchange, on a core per rank there, scaled by the ranks per core of the cluster run). Nothing is
+fitted to the figures it predicts. Prints predicted against measured time per iteration and the error; writes
+JSON with ``--out``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def check(summary: Path, loopback: Path, cores: int) -> list[dict[str, object]]:
     ddp = results["ddp"]
     model_bytes = ddp["wire_bytes_per_host_step"] / ddp["wire_x_model"]
     compute = results["local"]["iter_ms"] * 1e-3
+    step = results["local"].get("inner_ms", 0.0) * 1e-3  # runs recorded before the breakdown existed: 0
     net = Network(bandwidth=cfg["measured_rate"] / 8, host_s_per_byte=host_cost(loopback, n / cores))
     name = f"{cfg['workload']} {hosts}x{local} {cfg['rate'] / 1e6:g} Mbit/s"
     rows = []
@@ -49,7 +53,7 @@ def check(summary: Path, loopback: Path, cores: int) -> list[dict[str, object]]:
         if topology in ("ddp", "ddp-bf16"):
             pred = predict_ddp(n, model_bytes, compute, net, local, wire_bytes)
         else:
-            pred = predict_gossip(topology, n, model_bytes, compute, net, local, wire_bytes)
+            pred = predict_gossip(topology, n, model_bytes, compute, net, local, wire_bytes, step_s=step)
         measured = r["iter_ms"] * 1e-3
         rows.append({"run": name, "method": method, "measured_ms": measured * 1e3, "predicted_ms": pred * 1e3,
                      "error": pred / measured - 1.0})

@@ -162,6 +162,9 @@ def test_cost_model_by_hand() -> None:
     # a pair: the whole model each way at once, overlapping compute: the longer of the two
     assert predict_gossip("ring", 4, 100.0, 1.0, net) == 10.0
     assert predict_gossip("ring", 4, 100.0, 20.0, net) == 20.0
+    # the optimizer's step sits between two rounds on the link's side, and is part of compute on the other
+    assert predict_gossip("ring", 4, 100.0, 1.0, net, step_s=0.5) == 10.5
+    assert predict_gossip("ring", 4, 100.0, 20.0, net, step_s=0.5) == 20.0
     assert predict_gossip("one-peer-exp", 4, 100.0, 1.0, net, wire_bytes=2) == 5.0
     # 2 hosts x 2 ranks: one-peer-exp pairs inside a host (free), then across, where both ranks of a host
     # share its link (2M / B); averaged over the 2 rounds of the period

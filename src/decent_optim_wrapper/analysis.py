@@ -178,19 +178,21 @@ def _round_time(groups: tuple[Group, ...], local: int, model_bytes: float, wire:
 
 
 def predict_gossip(topology: str, world_size: int, model_bytes: float, compute_s: float, net: Network,
-                   local_world_size: int = 1, wire_bytes: int = 4, apply_s: float = 0.0) -> float:
+                   local_world_size: int = 1, wire_bytes: int = 4, apply_s: float = 0.0, step_s: float = 0.0) -> float:
     """Predicted seconds per iteration of ``DecentOptimWrapper`` with ``topology``.
 
     A round's communication overlaps the next forward and backward, so an iteration takes the longer of the
-    two; ``apply_s`` (preparing and applying a round: memory passes) and the host's share of moving the bytes
-    (:attr:`Network.host_s_per_byte`) do not overlap. Averaged over the schedule's period.
+    two. On the compute side, ``apply_s`` (preparing and applying a round: memory passes) and the host's share
+    of moving the bytes (:attr:`Network.host_s_per_byte`) add to ``compute_s``. On the link's side,
+    ``step_s``, the inner optimizer's step (part of ``compute_s``), adds to the round: it runs between one
+    round landing and the next leaving, so the link waits for it. Averaged over the schedule's period.
     """
     s = TopologyFactory.create(topology, 0, world_size, local_world_size).schedule()
     wire = wire_bytes / 4.0
     times = []
     for r in s.rounds:
         link, moved = _round_time(r, local_world_size, model_bytes, wire, net)
-        times.append(max(compute_s + apply_s + moved * net.host_s_per_byte, link))
+        times.append(max(compute_s + apply_s + moved * net.host_s_per_byte, link + step_s))
     return sum(times) / len(times)
 
 
@@ -213,9 +215,9 @@ def predict_ddp(world_size: int, model_bytes: float, compute_s: float, net: Netw
 
 def predict_table(world_sizes: list[int], model_bytes: float, compute_s: float, net: Network,
                   local_world_size: int = 1, topologies: list[str] | None = None,
-                  ddp_overlap: float = 0.0) -> list[dict[str, float | int | str]]:
+                  ddp_overlap: float = 0.0, step_s: float = 0.0) -> list[dict[str, float | int | str]]:
     """Rows ``{"world_size", "method", "iter_s", "vs_ddp"}`` for DDP, DDP + bf16 and each topology (full
-    precision and bf16)."""
+    precision and bf16); ``step_s`` as in :func:`predict_gossip`."""
     rows: list[dict[str, float | int | str]] = []
     for n in world_sizes:
         ddp = predict_ddp(n, model_bytes, compute_s, net, local_world_size, 4, ddp_overlap)
@@ -225,7 +227,7 @@ def predict_table(world_sizes: list[int], model_bytes: float, compute_s: float, 
         for name in topologies or TopologyFactory.available():
             for wire in (4, 2):
                 try:
-                    t = predict_gossip(name, n, model_bytes, compute_s, net, local_world_size, wire)
+                    t = predict_gossip(name, n, model_bytes, compute_s, net, local_world_size, wire, step_s=step_s)
                 except ValueError:  # e.g. alternating-exp-ring where local_world_size does not divide n
                     continue
                 rows.append({"world_size": n, "method": name + ("+bf16" if wire == 2 else ""), "iter_s": t,
@@ -263,6 +265,8 @@ def _predict_main(argv: list[str]) -> None:
     parser.add_argument("--model-mb", type=float, required=True, help="parameter bytes, MB (1e6)")
     parser.add_argument("--compute-ms", type=float, required=True,
                         help="forward + backward + local step with no communication, ms")
+    parser.add_argument("--step-ms", type=float, default=0.0,
+                        help="the optimizer's step alone, ms (part of --compute-ms; the link waits for it)")
     parser.add_argument("--bandwidth", default="1gbit", help="each host link, each direction (e.g. 1gbit, 10gbit)")
     parser.add_argument("--latency-us", type=float, default=0.0, help="per message, one way")
     parser.add_argument("--intra-bandwidth", default=None, help="between ranks of one host (default: unlimited)")
@@ -275,8 +279,8 @@ def _predict_main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if max(args.world_sizes) > 4096 or min(args.world_sizes) < 1:
         parser.error("--world-sizes must be between 1 and 4096")
-    if not args.model_mb > 0 or not args.compute_ms >= 0:
-        parser.error("--model-mb must be > 0 and --compute-ms >= 0")
+    if not args.model_mb > 0 or not args.compute_ms >= 0 or not 0 <= args.step_ms <= args.compute_ms:
+        parser.error("--model-mb must be > 0, --compute-ms >= 0 and --step-ms between 0 and --compute-ms")
     try:
         net = Network(_parse_rate(args.bandwidth), args.latency_us * 1e-6,
                       _parse_rate(args.intra_bandwidth) if args.intra_bandwidth else float("inf"),
@@ -284,12 +288,13 @@ def _predict_main(argv: list[str]) -> None:
     except ValueError as e:
         parser.error(str(e))
     rows = predict_table(args.world_sizes, args.model_mb * 1e6, args.compute_ms * 1e-3, net, args.local_world_size,
-                         args.topologies, args.ddp_overlap)
+                         args.topologies, args.ddp_overlap, args.step_ms * 1e-3)
     print(f"{'n':>6}  {'method':<26}{'iter ms':>10}{'x DDP':>8}")
     for r in rows:
         print(f"{r['world_size']:>6}  {r['method']:<26}{float(r['iter_s']) * 1e3:>10.1f}{float(r['vs_ddp']):>8.2f}")
     print("Model: DDP = compute + ring all-reduce of the gradients (no overlap unless --ddp-overlap); gossip = the "
-          "longer of compute and the round's exchange on the busiest host link, averaged over the period.")
+          "longer of compute and the round's exchange on the busiest host link plus the optimizer's step, averaged "
+          "over the period.")
 
 
 def main(argv: list[str] | None = None) -> None:
