@@ -21,8 +21,10 @@ It reports time per iteration, bytes per host per step on the shaped link (inter
 every method) and on ``lo`` (traffic between ranks of one host), the validation loss of the globally averaged
 model against steps and against training wall-clock (evaluation excluded), and the wall-clock each method
 needs to reach a target validation loss (``--target``, or by default the loss DDP reaches at 80% of the
-budget). Writes summary.json, summary.csv, curves.csv, val_loss_vs_time.png and val_loss_vs_step.png under
---out. Needs root (network namespaces).
+budget). ``--repeat N`` launches every method N times, interleaved, each repetition in a rotated order; a
+method's row is its median launch (iteration times on a 2-core machine vary by 10-25% from one launch to
+the next, more than the differences between some methods). Writes summary.json, summary.csv, curves.csv,
+val_loss_vs_time.png and val_loss_vs_step.png under --out. Needs root (network namespaces).
 """
 
 from __future__ import annotations
@@ -88,9 +90,31 @@ def check_method(method: str) -> None:
 
 
 # ---------------------------------------------------------------------- running
-def run_method(cluster: Cluster, method: str, cfg: dict[str, Any], out: Path, bar: Any) -> list[dict[str, Any]]:
-    """One torchrun launch per host for ``method``; the per-rank results."""
+def launch_order(methods: list[str], repeat: int) -> list[tuple[int, str]]:
+    """(repetition, method) in the order they run: every method once per repetition, each repetition's order
+    rotated by one, so that no method always runs first (the first launch on a fresh machine can be slower)
+    or always after the same neighbour."""
+    if repeat < 1:
+        raise ValueError(f"Invalid repeat={repeat}. Must be >= 1.")
+    k = len(methods)
+    return [(r, methods[(r + i) % k]) for r in range(repeat) for i in range(k)]
+
+
+def median_run(iter_ms: list[float]) -> int:
+    """Index of the repetition whose iteration time is the median (the lower one of two middles)."""
+    if not iter_ms:
+        raise ValueError("Invalid iter_ms=[]: need at least one repetition.")
+    order = sorted(range(len(iter_ms)), key=lambda i: (iter_ms[i], i))
+    return order[(len(order) - 1) // 2]
+
+
+def run_method(cluster: Cluster, method: str, cfg: dict[str, Any], out: Path, bar: Any,
+               repetition: int | None = None) -> list[dict[str, Any]]:
+    """One torchrun launch per host for ``method``; the per-rank results (under ``runs/<method>/<repetition>``
+    when the run repeats)."""
     run_dir = out / "runs" / method
+    if repetition is not None:
+        run_dir = run_dir / str(repetition)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     args = ["--method", method, "--workload", cfg["workload"], "--steps", str(cfg["steps"]),
@@ -265,6 +289,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--target", type=float, help="validation loss for time-to-target (default: DDP's at 80%%)")
     parser.add_argument("--methods", nargs="+", help="default: ddp ddp-bf16 ring one-peer-exp complete "
                         "[alternating-exp-ring if P > 1] [one-peer-exp+bf16 if the package has wire_dtype] local")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="launches per method, interleaved (orders rotated); each row is the median launch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900, help="seconds one method may take")
     parser.add_argument("--out", type=Path, help="default results/cluster/<workload>-<H>x<P>-<rate>")
@@ -274,8 +300,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--hosts must be >= 2 and --procs-per-host >= 1")
     d = DEFAULTS[args.workload]
     steps = args.steps or d["steps"]
-    if steps < 2 or args.evals < 1:
-        parser.error("--steps must be >= 2 and --evals >= 1")
+    if steps < 2 or args.evals < 1 or args.repeat < 1:
+        parser.error("--steps must be >= 2, --evals >= 1 and --repeat >= 1")
     try:
         require_privileges()  # before anything slow: say at once what is missing
     except ClusterError as exc:
@@ -294,7 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "hosts": args.hosts, "procs_per_host": args.procs_per_host, "rate": rate, "delay_ms": args.delay_ms,
         "workload": args.workload, "steps": steps, "batch_size": args.batch_size or d["batch_size"],
         "lr": args.lr or d["lr"], "eval_steps": eval_steps, "seed": args.seed, "target": args.target,
-        "timeout": args.timeout, "methods": methods,
+        "timeout": args.timeout, "methods": methods, "repeat": args.repeat,
     }
     # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so the cluster is removed the same way. SIGINT too,
     # also where the shell started this in the background with SIGINT ignored (Python then never handles it).
@@ -311,12 +337,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             if not args.no_progress:
                 from tqdm import tqdm
 
-                bar = tqdm(total=steps * len(methods), unit="step")
-            per_method: dict[str, list[dict[str, Any]]] = {}
-            for method in methods:
+                bar = tqdm(total=steps * len(methods) * args.repeat, unit="step")
+            launches: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
+            for rep, method in launch_order(methods, args.repeat):
                 if bar is not None:
                     bar.set_description(method)
-                per_method[method] = run_method(cluster, method, cfg, out, bar)
+                launches[method].append(run_method(cluster, method, cfg, out, bar,
+                                                   rep if args.repeat > 1 else None))
     except NeedRootError as exc:
         print(exc, file=sys.stderr)
         raise SystemExit(2) from None
@@ -329,18 +356,34 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     finally:
         if bar is not None:
             bar.close()
+    # Each method's row, curve and time to target come from its median launch, so that one slow launch (the
+    # machine busy for a while) moves no figure; the others' iteration times are kept in the row.
+    per_method: dict[str, list[dict[str, Any]]] = {}
+    runs_ms: dict[str, list[float]] = {}
+    for m, runs in launches.items():
+        runs_ms[m] = [summarise(m, r, cfg)["iter_ms"] for r in runs]
+        per_method[m] = runs[median_run(runs_ms[m])]
     cfg["describe"] = per_method[methods[0]][0]["describe"]
     curves = {m: curve(r) for m, r in per_method.items()}
     cfg["target_val_loss"], cfg["target_rule"] = choose_target(cfg, curves)
     rows = []
     for m, r in per_method.items():
         row = summarise(m, r, cfg)
+        row["iter_ms_runs"] = runs_ms[m]
+        # The runs are deterministic (same seeds and data, same schedule); a differing loss would be a bug.
+        row["same_val_loss_in_every_run"] = len({tuple(p[2] for p in curve(run)) for run in launches[m]}) == 1
         hit = reach(curves[m], cfg["target_val_loss"])
         row["steps_to_target"] = None if hit is None else round(hit[0])
         row["s_to_target"] = None if hit is None else hit[1]
         rows.append(row)
     write_outputs(out, rows, curves, cfg)
     print(format_table(rows))
+    if args.repeat > 1:
+        print(f"\n{args.repeat} launches per method, interleaved; each row is the median one. iter ms of each, in "
+              "launch order:")
+        for r in rows:
+            note = "" if r["same_val_loss_in_every_run"] else "  (validation losses differ between launches!)"
+            print(f"  {r['method']:<22}" + " ".join(f"{x:7.1f}" for x in r["iter_ms_runs"]) + note)
     print(f"\n{cfg['describe']}.")
     print(f"Target validation loss {cfg['target_val_loss']:.4f}: {cfg['target_rule']}; reached where the "
           "globally averaged model's loss crosses it, linear between evaluations.")

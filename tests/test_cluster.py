@@ -19,11 +19,26 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import cluster  # noqa: E402  (benchmarks/ is not a package)
+import cluster_compare  # noqa: E402
 
 ok, why = cluster.can_create_namespaces()
-pytestmark = pytest.mark.skipif(not ok, reason=f"cannot create network namespaces: {why}")
+needs_namespaces = pytest.mark.skipif(not ok, reason=f"cannot create network namespaces: {why}")
 
 COMPARE = [sys.executable, str(ROOT / "benchmarks" / "cluster_compare.py")]
+
+
+def test_repeated_launches_rotate_the_order_and_rows_take_the_median_launch() -> None:
+    plan = cluster_compare.launch_order(["a", "b", "c"], 3)
+    assert plan == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"), (2, "c"), (2, "a"), (2, "b")]
+    assert cluster_compare.launch_order(["a", "b"], 1) == [(0, "a"), (0, "b")]
+    assert cluster_compare.median_run([300.0, 210.0, 250.0]) == 2
+    assert cluster_compare.median_run([300.0, 210.0]) == 1  # of two middles, the lower
+    assert cluster_compare.median_run([5.0, 5.0, 4.0, 9.0]) == 0  # ties: the earlier launch
+    assert cluster_compare.median_run([7.0]) == 0
+    with pytest.raises(ValueError, match="repeat=0"):
+        cluster_compare.launch_order(["a"], 0)
+    with pytest.raises(ValueError, match="iter_ms"):
+        cluster_compare.median_run([])
 
 
 def _ours(pid: int) -> list[str]:
@@ -48,6 +63,7 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+@needs_namespaces
 @pytest.mark.timeout(60)
 def test_links_are_shaped_to_the_rate_asked_for_and_everything_is_removed() -> None:
     with cluster.Cluster(hosts=3, rate="100mbit") as c:
@@ -70,19 +86,29 @@ def test_links_are_shaped_to_the_rate_asked_for_and_everything_is_removed() -> N
     assert _ours(os.getpid()) == []
 
 
-@pytest.mark.timeout(240)
+@needs_namespaces
+@pytest.mark.timeout(300)
 def test_toy_comparison_runs_every_method_over_the_shaped_links(tmp_path: Path) -> None:
     out = tmp_path / "results"
     proc = subprocess.Popen(
         COMPARE + ["--hosts", "2", "--procs-per-host", "1", "--rate", "1gbit", "--workload", "mlp", "--steps", "6",
-                   "--evals", "2", "--methods", "ddp", "one-peer-exp", "--no-progress", "--out", str(out)],
+                   "--evals", "2", "--methods", "ddp", "one-peer-exp", "--repeat", "2", "--no-progress",
+                   "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    stdout, stderr = proc.communicate(timeout=230)
+    stdout, stderr = proc.communicate(timeout=290)
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     cfg, rows = summary["config"], {r["method"]: r for r in summary["results"]}
     assert list(rows) == ["ddp", "one-peer-exp"]
+    assert cfg["repeat"] == 2
+    # Two launches per method, in rotated orders (ddp, one-peer-exp, then one-peer-exp, ddp), each in its own
+    # directory; the row is the lower-median launch's, and both launches reached the same losses.
+    assert sorted(p.name for p in (out / "runs" / "ddp").iterdir()) == ["0", "1"]
+    assert (out / "runs" / "one-peer-exp" / "1" / "rank1.json").exists()
+    for r in rows.values():
+        assert len(r["iter_ms_runs"]) == 2 and r["iter_ms"] == min(r["iter_ms_runs"])
+        assert r["same_val_loss_in_every_run"] is True
     assert 0.5e9 < cfg["measured_rate"] < 1e9  # loose below: at 1 Gbit/s a loaded CPU can limit the stream
     for method, r in rows.items():
         curve = summary["curves"][method]
@@ -120,6 +146,7 @@ def _assert_gone_soon(pid: int, out: Path, within: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+@needs_namespaces
 @pytest.mark.timeout(200)
 def test_killed_harness_leaves_no_namespaces_or_processes(tmp_path: Path) -> None:
     out = tmp_path / "killed"
@@ -133,6 +160,7 @@ def test_killed_harness_leaves_no_namespaces_or_processes(tmp_path: Path) -> Non
     _assert_gone_soon(proc.pid, out)
 
 
+@needs_namespaces
 @pytest.mark.timeout(200)
 def test_ctrl_c_tears_down_and_exits_nonzero(tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
@@ -143,6 +171,7 @@ def test_ctrl_c_tears_down_and_exits_nonzero(tmp_path: Path) -> None:
     _assert_gone_soon(proc.pid, out)
 
 
+@needs_namespaces
 @pytest.mark.timeout(60)
 def test_without_net_admin_it_says_so_and_exits_nonzero() -> None:
     # Root without CAP_NET_ADMIN / CAP_SYS_ADMIN (as in an unprivileged container): the capabilities are
