@@ -43,7 +43,7 @@ def check(summary: Path, loopback: Path, cores: int) -> list[dict[str, object]]:
     compute = results["local"]["iter_ms"] * 1e-3
     step = results["local"].get("inner_ms", 0.0) * 1e-3  # runs recorded before the breakdown existed: 0
     net = Network(bandwidth=cfg["measured_rate"] / 8, host_s_per_byte=host_cost(loopback, n / cores))
-    name = f"{cfg['workload']} {hosts}x{local} {cfg['rate'] / 1e6:g} Mbit/s"
+    name = summary.parent.name  # the run's directory, e.g. lm-2x2-1gbit: unique where settings repeat
     rows = []
     for method, r in results.items():
         if method == "local":
@@ -70,9 +70,9 @@ def main() -> None:
     if args.cores < 1:
         parser.error(f"--cores must be >= 1, got {args.cores}")
     rows = [row for s in args.summaries for row in check(s, args.loopback, args.cores)]
-    print(f"{'run':<24}{'method':<22}{'measured ms':>12}{'predicted ms':>14}{'error':>8}")
+    print(f"{'run':<28}{'method':<22}{'measured ms':>12}{'predicted ms':>14}{'error':>8}")
     for r in rows:
-        print(f"{r['run']:<24}{r['method']:<22}{r['measured_ms']:>12.1f}{r['predicted_ms']:>14.1f}"
+        print(f"{r['run']:<28}{r['method']:<22}{r['measured_ms']:>12.1f}{r['predicted_ms']:>14.1f}"
               f"{r['error']:>+8.0%}")
     worst = max(rows, key=lambda r: abs(float(r["error"])))  # type: ignore[arg-type]
     within = sum(abs(float(r["error"])) <= 0.25 for r in rows)  # type: ignore[arg-type]
