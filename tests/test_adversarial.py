@@ -158,6 +158,10 @@ def _hung_with_tiny_timeout(rank: int, world_size: int) -> str:
 
     def run() -> None:
         _step(model, opt, rank, 0)
+        # Both ranks have launched round 0 before rank 0 goes on: otherwise rank 0 may time out and exit while
+        # rank 1 is still in its first step (torch's first optimizer step imports for seconds), and rank 1's
+        # send then fails on the closed connection instead of rank 1 returning.
+        dist.barrier()
         if rank == 1:
             time.sleep(6)
             return
