@@ -22,8 +22,9 @@ every method) and on ``lo`` (traffic between ranks of one host), the validation 
 model against steps and against training wall-clock (evaluation excluded), and the wall-clock each method
 needs to reach a target validation loss (``--target``, or by default the loss DDP reaches at 80% of the
 budget). ``--repeat N`` launches every method N times, interleaved, each repetition in a rotated order; a
-method's row is its median launch (iteration times on a 2-core machine vary by 10-25% from one launch to
-the next, more than the differences between some methods). Writes summary.json, summary.csv, curves.csv,
+method's row is its median launch (on a 2-core machine one method's iteration time varies by up to 10% from
+one launch to the next, and a first launch on a new cluster can run 20% slower: more than the differences
+between some methods). Writes summary.json, summary.csv, curves.csv,
 val_loss_vs_time.png and val_loss_vs_step.png under --out. Needs root (network namespaces).
 """
 
