@@ -359,24 +359,23 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             bar.close()
     # Each method's row, curve and time to target come from its median launch, so that one slow launch (the
     # machine busy for a while) moves no figure; the others' iteration times are kept in the row.
-    per_method: dict[str, list[dict[str, Any]]] = {}
-    runs_ms: dict[str, list[float]] = {}
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, list[tuple[int, float, float]]] = {}
     for m, runs in launches.items():
-        runs_ms[m] = [summarise(m, r, cfg)["iter_ms"] for r in runs]
-        per_method[m] = runs[median_run(runs_ms[m])]
-    cfg["describe"] = per_method[methods[0]][0]["describe"]
-    curves = {m: curve(r) for m, r in per_method.items()}
-    cfg["target_val_loss"], cfg["target_rule"] = choose_target(cfg, curves)
-    rows = []
-    for m, r in per_method.items():
-        row = summarise(m, r, cfg)
-        row["iter_ms_runs"] = runs_ms[m]
+        summaries, launch_curves = [summarise(m, r, cfg) for r in runs], [curve(r) for r in runs]
+        k = median_run([x["iter_ms"] for x in summaries])
+        row, curves[m] = summaries[k], launch_curves[k]
+        row["iter_ms_runs"] = [x["iter_ms"] for x in summaries]
         # The runs are deterministic (same seeds and data, same schedule); a differing loss would be a bug.
-        row["same_val_loss_in_every_run"] = len({tuple(p[2] for p in curve(run)) for run in launches[m]}) == 1
+        row["same_val_loss_in_every_run"] = len({tuple(p[2] for p in c) for c in launch_curves}) == 1
+        rows.append(row)
+    cfg["describe"] = launches[methods[0]][0][0]["describe"]
+    cfg["target_val_loss"], cfg["target_rule"] = choose_target(cfg, curves)
+    for row in rows:
+        m = row["method"]
         hit = reach(curves[m], cfg["target_val_loss"])
         row["steps_to_target"] = None if hit is None else round(hit[0])
         row["s_to_target"] = None if hit is None else hit[1]
-        rows.append(row)
     write_outputs(out, rows, curves, cfg)
     print(format_table(rows))
     if args.repeat > 1:
