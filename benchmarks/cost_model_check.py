@@ -8,9 +8,11 @@ For each ``cluster_compare.py`` summary: the model's inputs are taken from that 
 the bytes counted per step, compute and the optimizer's step from its no-communication run ``local``,
 bandwidth from the TCP stream measured on its link, no latency: the cluster adds none); the host's CPU cost per
 byte moved comes from the loopback pairwise exchange (``results/pairwise/loopback.json``: the largest tensor's
-two-connection exchange, on a core per rank there, scaled by the ranks per core of the cluster run). Nothing is
-fitted to the figures it predicts. Prints predicted against measured time per iteration and the error; writes
-JSON with ``--out``.
+two-connection exchange, on a core per rank there, scaled by the ranks per core of the cluster run), and the
+CPU time to prepare and apply a round from the package's own kernels timed here on one core at the run's model
+size (``analysis.time_round_work``; rounding to bf16 and the symmetric correction are most of a compressed
+round's CPU cost), scaled the same way. Nothing is fitted to the figures it predicts. Prints predicted against
+measured time per iteration and the error; writes JSON with ``--out``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from decent_optim_wrapper.analysis import Network, predict_ddp, predict_gossip
+from decent_optim_wrapper.analysis import Network, measure_round_work, predict_ddp, predict_gossip
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,6 +45,7 @@ def check(summary: Path, loopback: Path, cores: int) -> list[dict[str, object]]:
     compute = results["local"]["iter_ms"] * 1e-3
     step = results["local"].get("inner_ms", 0.0) * 1e-3  # runs recorded before the breakdown existed: 0
     net = Network(bandwidth=cfg["measured_rate"] / 8, host_s_per_byte=host_cost(loopback, n / cores))
+    work = measure_round_work(int(model_bytes) // 4, scale=n / cores)  # float32 parameters
     name = summary.parent.name  # the run's directory, e.g. lm-2x2-1gbit: unique where settings repeat
     rows = []
     for method, r in results.items():
@@ -53,7 +56,7 @@ def check(summary: Path, loopback: Path, cores: int) -> list[dict[str, object]]:
         if topology in ("ddp", "ddp-bf16"):
             pred = predict_ddp(n, model_bytes, compute, net, local, wire_bytes)
         else:
-            pred = predict_gossip(topology, n, model_bytes, compute, net, local, wire_bytes, step_s=step)
+            pred = predict_gossip(topology, n, model_bytes, compute, net, local, wire_bytes, work, step)
         measured = r["iter_ms"] * 1e-3
         rows.append({"run": name, "method": method, "measured_ms": measured * 1e3, "predicted_ms": pred * 1e3,
                      "error": pred / measured - 1.0})

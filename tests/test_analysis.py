@@ -180,6 +180,42 @@ def test_cost_model_by_hand() -> None:
     assert predict_gossip("ring", 4, 100.0, 1.0, cpu) == 10.0  # 1 + 2 < 10: still the link's
     assert predict_gossip("ring", 4, 100.0, 9.0, cpu) == 11.0  # 9 + 2 > 10
     assert predict_ddp(4, 100.0, 1.0, cpu) == 1.0 + 3.0 + 15.0
+    # preparing and applying a round takes the rank's time, and sits between two rounds like the step
+    assert predict_gossip("ring", 4, 100.0, 1.0, net, apply_s=0.5) == 10.5
+    assert predict_gossip("ring", 4, 100.0, 20.0, net, apply_s=0.5) == 20.5
+    # ... per round from its largest group and the wire (2x2: the free pair inside a host, then across)
+    seen: list[tuple[int, int]] = []
+
+    def work(k: int, wire_bytes: int) -> float:
+        seen.append((k, wire_bytes))
+        return 0.25 * wire_bytes
+
+    assert predict_gossip("one-peer-exp", 4, 100.0, 1.0, net, local_world_size=2, apply_s=work) == (2.0 + 21.0) / 2
+    assert seen == [(2, 4), (2, 4)]
+
+
+def test_measured_round_work_is_timed_once_per_kind_and_scaled(monkeypatch: pytest.MonkeyPatch) -> None:
+    from decent_optim_wrapper import analysis
+
+    calls: list[tuple[int, int, int]] = []
+
+    def fake(numel: int, k: int, wire_bytes: int = 4, repeats: int = 5) -> float:
+        calls.append((numel, k, wire_bytes))
+        return 0.001 * k * wire_bytes
+
+    monkeypatch.setattr(analysis, "time_round_work", fake)
+    work = analysis.measure_round_work(1000, scale=2.0)
+    assert [work(2, 4), work(2, 2), work(2, 4), work(3, 2)] == [0.016, 0.008, 0.016, 0.012]
+    assert calls == [(1000, 2, 4), (1000, 2, 2), (1000, 3, 2)]
+
+
+@pytest.mark.parametrize("kwargs", [{"group_size": 1}, {"numel": 0}, {"repeats": 0}, {"wire_bytes": 3}])
+def test_time_round_work_rejects_bad_values_by_name(kwargs: dict[str, int]) -> None:
+    from decent_optim_wrapper.analysis import time_round_work
+
+    args = {"numel": 10, "group_size": 2, "wire_bytes": 4, "repeats": 1} | kwargs
+    with pytest.raises(ValueError, match=f"Invalid .*{next(iter(kwargs))}="):
+        time_round_work(**args)
 
 
 @pytest.mark.parametrize("kwargs", [{"bandwidth": 0.0}, {"bandwidth": -1.0}, {"bandwidth": float("nan")},
@@ -203,3 +239,15 @@ def test_cost_model_cli_covers_large_world_sizes() -> None:
     assert float(lines[("4096", "ddp")][3]) == 1.0
     assert float(lines[("4096", "one-peer-exp")][3]) < 1.0
     assert time.monotonic() - t0 < 60
+    # --measure-apply adds this machine's time to prepare and apply a round to gossip (DDP has none); a
+    # compute-bound setting so that it shows
+    measured = subprocess.run(out.args + ["--compute-ms", "500", "--measure-apply"], capture_output=True, text=True,
+                              timeout=120)
+    assert measured.returncode == 0, measured.stderr
+    plain = subprocess.run(out.args + ["--compute-ms", "500"], capture_output=True, text=True, timeout=120)
+    ms = {tuple(line.split()[:2]): float(line.split()[2]) for line in measured.stdout.splitlines()
+          if line[:6].strip().isdigit()}
+    base = {tuple(line.split()[:2]): float(line.split()[2]) for line in plain.stdout.splitlines()
+            if line[:6].strip().isdigit()}
+    assert ms[("8", "ddp")] == base[("8", "ddp")]
+    assert ms[("8", "ring")] > base[("8", "ring")] and ms[("8", "ring+bf16")] > base[("8", "ring+bf16")]

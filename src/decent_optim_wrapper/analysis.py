@@ -4,7 +4,7 @@ what time per iteration a cluster will see.
     python -m decent_optim_wrapper.analysis ring 16
     python -m decent_optim_wrapper.analysis all 24 --local-world-size 4
     python -m decent_optim_wrapper.analysis predict --model-mb 13.3 --compute-ms 241 --bandwidth 1gbit \
-        --world-sizes 8 64 1024 [--local-world-size 8] [--wire bf16] [--latency-us 50]
+        --world-sizes 8 64 1024 [--local-world-size 8] [--latency-us 50] [--measure-apply]
 
 For a topology and world size: rounds per period, peers per worker per round, bytes each worker sends per
 step as a multiple of the model size (next to ring all-reduce's ``2(n-1)/n``), and the consensus rate: the
@@ -16,15 +16,27 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
+from . import mixing
 from .topo import Group, Schedule, Topology, TopologyFactory
-from .transport import COMPRESSED_GATHER_MAX
+from .transport import (
+    COMPRESSED_GATHER_MAX,
+    AllGatherCompressed,
+    AllReduceSum,
+    P2PPair,
+    P2PPairCompressed,
+    choose,
+    spans,
+)
 
 __all__ = ["TopologyReport", "mixing_matrix", "period_matrix", "bytes_per_step", "analyze", "Network",
-           "predict_gossip", "predict_ddp", "predict_table"]
+           "predict_gossip", "predict_ddp", "predict_table", "time_round_work", "measure_round_work", "RoundWork"]
 
 # Below this, a period's product is taken to equal the exact average (float64 round-off of ~log2(n) rounds).
 EXACT_TOL = 1e-9
@@ -177,22 +189,100 @@ def _round_time(groups: tuple[Group, ...], local: int, model_bytes: float, wire:
     return max(link, intra), moved
 
 
+# Seconds of a rank's own time to prepare and apply a round in a group of k members (first argument) with
+# the wire's bytes per element (second argument): see time_round_work.
+RoundWork = Callable[[int, int], float]
+
+
+def time_round_work(numel: int, group_size: int, wire_bytes: int = 4, repeats: int = 5) -> float:
+    """Seconds one CPU core takes to prepare and apply one round of ``numel`` float32 elements, no communication.
+
+    Runs the kernels of :mod:`~decent_optim_wrapper.mixing` that the transport gloo picks for a group of
+    ``group_size`` (:func:`~decent_optim_wrapper.transport.choose`) would run, on one thread; the median of
+    ``repeats``. A full-precision pair mixes once (2 passes); a compressed pair rounds its values and applies
+    the correction (4 more passes, two of them converting): on CPU hosts that is the difference between the
+    two wire dtypes that no byte count shows.
+    """
+    if group_size < 2 or numel < 1 or repeats < 1:
+        raise ValueError(f"Invalid group_size={group_size}, numel={numel} or repeats={repeats}: "
+                         "need a group of at least 2, at least 1 element and 1 repeat")
+    if wire_bytes not in (2, 4):
+        raise ValueError(f"Invalid wire_bytes={wire_bytes}: must be 4 (float32) or 2 (bfloat16)")
+    wire = torch.bfloat16 if wire_bytes == 2 else None
+    k, c = group_size, 1.0 / group_size
+    kind = choose(Group(tuple(range(k))), "gloo", torch.device("cpu"), wire)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(numel, generator=gen)
+    peer = torch.randn(numel, generator=gen)
+    slots = [peer.to(wire or torch.float32) for _ in range(k)]
+
+    def pair() -> None:
+        for a, b in spans(x):
+            mixing.pair_mix_(x[a:b], peer[a:b], 0.5)
+
+    def pair_compressed() -> None:
+        parts = spans(x)
+        for a, b in parts:
+            mixing.quantize(x[a:b], slots[0][a:b])
+        for a, b in parts:
+            mixing.compressed_pair_mix_(x[a:b], slots[0][a:b], slots[1][a:b], c)
+
+    def group() -> None:
+        mixing.group_mix_(x, mixing.scale_for_sum(x, c, slots[0]), c, c)
+
+    def group_compressed() -> None:
+        mixing.compressed_mix_(x, mixing.quantize(x, slots[0]), slots, c)
+
+    run = {P2PPair: pair, P2PPairCompressed: pair_compressed, AllReduceSum: group,
+           AllGatherCompressed: group_compressed}[kind]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run()  # warm the allocator and the caches
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
+def measure_round_work(numel: int, scale: float = 1.0) -> RoundWork:
+    """A :data:`RoundWork` that times each ``(group size, wire bytes)`` once with :func:`time_round_work` and
+    multiplies by ``scale`` (the ranks sharing a core on the hosts predicted)."""
+    seen: dict[tuple[int, int], float] = {}
+
+    def work(k: int, wire_bytes: int) -> float:
+        if (k, wire_bytes) not in seen:
+            seen[k, wire_bytes] = time_round_work(numel, k, wire_bytes) * scale
+        return seen[k, wire_bytes]
+
+    return work
+
+
 def predict_gossip(topology: str, world_size: int, model_bytes: float, compute_s: float, net: Network,
-                   local_world_size: int = 1, wire_bytes: int = 4, apply_s: float = 0.0, step_s: float = 0.0) -> float:
+                   local_world_size: int = 1, wire_bytes: int = 4, apply_s: float | RoundWork = 0.0,
+                   step_s: float = 0.0) -> float:
     """Predicted seconds per iteration of ``DecentOptimWrapper`` with ``topology``.
 
     A round's communication overlaps the next forward and backward, so an iteration takes the longer of the
-    two. On the compute side, ``apply_s`` (preparing and applying a round: memory passes) and the host's share
-    of moving the bytes (:attr:`Network.host_s_per_byte`) add to ``compute_s``. On the link's side,
-    ``step_s``, the inner optimizer's step (part of ``compute_s``), adds to the round: it runs between one
-    round landing and the next leaving, so the link waits for it. Averaged over the schedule's period.
+    two. On the compute side, the host's share of moving the bytes (:attr:`Network.host_s_per_byte`) adds to
+    ``compute_s``. On the link's side, ``step_s``, the inner optimizer's step (part of ``compute_s``), adds to
+    the round: it runs between one round landing and the next leaving, so the link waits for it. ``apply_s``,
+    preparing and applying a round (memory passes: one figure for every round, or a :data:`RoundWork` of the
+    round's largest group, e.g. :func:`measure_round_work`), adds to both sides: it takes the rank's time, and
+    it too runs between a round landing and the next leaving. Averaged over the schedule's period.
     """
     s = TopologyFactory.create(topology, 0, world_size, local_world_size).schedule()
     wire = wire_bytes / 4.0
     times = []
     for r in s.rounds:
         link, moved = _round_time(r, local_world_size, model_bytes, wire, net)
-        times.append(max(compute_s + apply_s + moved * net.host_s_per_byte, link + step_s))
+        k = max(g.size for g in r)
+        work = apply_s if not callable(apply_s) else apply_s(k, wire_bytes) if k > 1 else 0.0
+        times.append(max(compute_s + work + moved * net.host_s_per_byte, link + step_s + work))
     return sum(times) / len(times)
 
 
@@ -215,9 +305,10 @@ def predict_ddp(world_size: int, model_bytes: float, compute_s: float, net: Netw
 
 def predict_table(world_sizes: list[int], model_bytes: float, compute_s: float, net: Network,
                   local_world_size: int = 1, topologies: list[str] | None = None,
-                  ddp_overlap: float = 0.0, step_s: float = 0.0) -> list[dict[str, float | int | str]]:
+                  ddp_overlap: float = 0.0, step_s: float = 0.0,
+                  apply_s: float | RoundWork = 0.0) -> list[dict[str, float | int | str]]:
     """Rows ``{"world_size", "method", "iter_s", "vs_ddp"}`` for DDP, DDP + bf16 and each topology (full
-    precision and bf16); ``step_s`` as in :func:`predict_gossip`."""
+    precision and bf16); ``step_s`` and ``apply_s`` as in :func:`predict_gossip`."""
     rows: list[dict[str, float | int | str]] = []
     for n in world_sizes:
         ddp = predict_ddp(n, model_bytes, compute_s, net, local_world_size, 4, ddp_overlap)
@@ -227,7 +318,7 @@ def predict_table(world_sizes: list[int], model_bytes: float, compute_s: float, 
         for name in topologies or TopologyFactory.available():
             for wire in (4, 2):
                 try:
-                    t = predict_gossip(name, n, model_bytes, compute_s, net, local_world_size, wire, step_s=step_s)
+                    t = predict_gossip(name, n, model_bytes, compute_s, net, local_world_size, wire, apply_s, step_s)
                 except ValueError:  # e.g. alternating-exp-ring where local_world_size does not divide n
                     continue
                 rows.append({"world_size": n, "method": name + ("+bf16" if wire == 2 else ""), "iter_s": t,
@@ -276,6 +367,9 @@ def _predict_main(argv: list[str]) -> None:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 16, 64, 256, 1024])
     parser.add_argument("--topologies", nargs="+", default=None)
     parser.add_argument("--ddp-overlap", type=float, default=0.0, help="fraction of DDP's all-reduce hidden")
+    parser.add_argument("--measure-apply", action="store_true",
+                        help="time the CPU work of preparing and applying a round on this machine (one core, the "
+                             "model's size) and add it to the compute side: CPU hosts like this one")
     args = parser.parse_args(argv)
     if max(args.world_sizes) > 4096 or min(args.world_sizes) < 1:
         parser.error("--world-sizes must be between 1 and 4096")
@@ -287,14 +381,16 @@ def _predict_main(argv: list[str]) -> None:
                       args.host_ns_per_byte * 1e-9)
     except ValueError as e:
         parser.error(str(e))
+    apply = measure_round_work(int(args.model_mb * 1e6 / 4)) if args.measure_apply else 0.0
     rows = predict_table(args.world_sizes, args.model_mb * 1e6, args.compute_ms * 1e-3, net, args.local_world_size,
-                         args.topologies, args.ddp_overlap, args.step_ms * 1e-3)
+                         args.topologies, args.ddp_overlap, args.step_ms * 1e-3, apply)
     print(f"{'n':>6}  {'method':<26}{'iter ms':>10}{'x DDP':>8}")
     for r in rows:
         print(f"{r['world_size']:>6}  {r['method']:<26}{float(r['iter_s']) * 1e3:>10.1f}{float(r['vs_ddp']):>8.2f}")
     print("Model: DDP = compute + ring all-reduce of the gradients (no overlap unless --ddp-overlap); gossip = the "
           "longer of compute and the round's exchange on the busiest host link plus the optimizer's step, averaged "
-          "over the period.")
+          "over the period" + (", with the round's CPU work (measured here) on both sides." if args.measure_apply
+                               else "."))
 
 
 def main(argv: list[str] | None = None) -> None:
