@@ -211,14 +211,15 @@ def time_round_work(numel: int, group_size: int, wire_bytes: int = 4, repeats: i
     wire = torch.bfloat16 if wire_bytes == 2 else None
     k, c = group_size, 1.0 / group_size
     kind = choose(Group(tuple(range(k))), "gloo", torch.device("cpu"), wire)
+    compressed = kind in (P2PPairCompressed, AllGatherCompressed)  # groups too large to gather stay in float32
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(numel, generator=gen)
     peer = torch.randn(numel, generator=gen)
-    slots = [peer.to(wire or torch.float32) for _ in range(k)]
+    slots = [peer.to(torch.bfloat16 if compressed else torch.float32) for _ in range(k)]
 
     def pair() -> None:
         for a, b in spans(x):
-            mixing.pair_mix_(x[a:b], peer[a:b], 0.5)
+            mixing.pair_mix_(x[a:b], peer[a:b], c)
 
     def pair_compressed() -> None:
         parts = spans(x)
