@@ -185,6 +185,7 @@ def test_cost_model_by_hand() -> None:
     # preparing and applying a round takes the rank's time, and sits between two rounds like the step
     assert predict_gossip("ring", 4, 100.0, 1.0, net, apply_s=0.5) == 10.5
     assert predict_gossip("ring", 4, 100.0, 20.0, net, apply_s=0.5) == 20.5
+    assert predict_gossip("ring", 1, 100.0, 20.0, net, apply_s=0.5) == 20.0  # alone: no round to apply
     # ... per round from its largest group and the wire (2x2: the free pair inside a host, then across)
     seen: list[tuple[int, int]] = []
 

@@ -282,7 +282,7 @@ def predict_gossip(topology: str, world_size: int, model_bytes: float, compute_s
     for r in s.rounds:
         link, moved = _round_time(r, local_world_size, model_bytes, wire, net)
         k = max(g.size for g in r)
-        work = apply_s if not callable(apply_s) else apply_s(k, wire_bytes) if k > 1 else 0.0
+        work = 0.0 if k == 1 else apply_s(k, wire_bytes) if callable(apply_s) else apply_s  # k == 1: no round
         times.append(max(compute_s + work + moved * net.host_s_per_byte, link + step_s + work))
     return sum(times) / len(times)
 
