@@ -232,13 +232,18 @@ def test_network_rejects_bad_values_by_name(kwargs: dict[str, float]) -> None:
         Network(**kwargs)
 
 
+def _predicted(stdout: str) -> dict[tuple[str, str], list[str]]:
+    """The rows of ``analysis predict``'s table by (world size, method): [n, method, iter ms, x DDP]."""
+    return {tuple(line.split()[:2]): line.split() for line in stdout.splitlines() if line[:6].strip().isdigit()}
+
+
 def test_cost_model_cli_covers_large_world_sizes() -> None:
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "decent_optim_wrapper.analysis", "predict", "--model-mb", "13.3",
                           "--compute-ms", "241", "--bandwidth", "957mbit", "--world-sizes", "8", "4096",
                           "--topologies", "ring", "one-peer-exp"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    lines = {tuple(line.split()[:2]): line.split() for line in out.stdout.splitlines() if line[:6].strip().isdigit()}
+    lines = _predicted(out.stdout)
     assert float(lines[("4096", "ddp")][3]) == 1.0
     assert float(lines[("4096", "one-peer-exp")][3]) < 1.0
     assert time.monotonic() - t0 < 60
@@ -248,10 +253,8 @@ def test_cost_model_cli_covers_large_world_sizes() -> None:
                               timeout=120)
     assert measured.returncode == 0, measured.stderr
     plain = subprocess.run(out.args + ["--compute-ms", "500"], capture_output=True, text=True, timeout=120)
-    ms = {tuple(line.split()[:2]): float(line.split()[2]) for line in measured.stdout.splitlines()
-          if line[:6].strip().isdigit()}
-    base = {tuple(line.split()[:2]): float(line.split()[2]) for line in plain.stdout.splitlines()
-            if line[:6].strip().isdigit()}
+    ms = {k: float(row[2]) for k, row in _predicted(measured.stdout).items()}
+    base = {k: float(row[2]) for k, row in _predicted(plain.stdout).items()}
     assert ms[("8", "ddp")] == base[("8", "ddp")]
     assert ms[("8", "ring")] > base[("8", "ring")] and ms[("8", "ring+bf16")] > base[("8", "ring+bf16")]
 
