@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -82,7 +83,14 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, store_path: str,
             while ok and int(store.add("finished", 0)) < world_size and time.monotonic() < deadline:
                 time.sleep(0.01)
             dist.destroy_process_group()
-        results.put((rank, "ok", out))
+        try:
+            # Pickled here, by value: the queue's own pickler would pass tensors as handles to this process's
+            # shared memory, which are gone once it exits (the parent then got an EOFError with no message).
+            payload = pickle.dumps(out)
+        except Exception as exc:
+            raise TypeError(f"rank {rank}: the function returned {type(out).__name__}, which cannot be pickled "
+                            f"to send it to the launching process: {exc}") from exc
+        results.put((rank, "ok", payload))
     except BaseException:  # report anything, including SystemExit, to the test process
         results.put((rank, "error", traceback.format_exc()))
 
@@ -92,7 +100,8 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
               threads: int = 1, allow_failure: bool = False, preload: tuple[str, ...] = ()) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` local ranks; return the results by rank.
 
-    ``fn`` must be importable by name (a module-level function) and its results picklable. ``threads`` is
+    ``fn`` must be importable by name (a module-level function) and its results picklable (tensors are sent by
+    value). ``threads`` is
     each rank's ``torch.set_num_threads``. With ``allow_failure=True`` a rank that raised or died returns
     ``RankFailure(traceback or exit code)`` in its slot instead of failing the call (for tests that expect
     errors); hangs still fail.
@@ -151,4 +160,4 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     errors = {r: v for r, (s, v) in out.items() if s == "error"}
     if errors and not allow_failure:
         raise RankFailure("".join(f"\n--- rank {r} ---\n{v}" for r, v in sorted(errors.items())))
-    return [RankFailure(out[r][1]) if out[r][0] == "error" else out[r][1] for r in range(world_size)]
+    return [RankFailure(out[r][1]) if out[r][0] == "error" else pickle.loads(out[r][1]) for r in range(world_size)]
