@@ -7,15 +7,13 @@ collective moves many parameters and one kernel scales or mixes them. One set of
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from loguru import logger
 
-__all__ = ["Bucket", "build_buckets", "layout_digest", "describe_params", "check_views", "check_bucket_cap",
-           "check_params"]
+__all__ = ["Bucket", "build_buckets", "describe_params", "check_views", "check_bucket_cap", "check_params"]
 
 # Every parameter starts on a 128-byte boundary inside its bucket, so vectorised kernels and the
 # communication library see aligned data; the padding stays zero and averages to zero.
@@ -51,20 +49,25 @@ def check_bucket_cap(bucket_cap_mb: object, name: str = "bucket_cap_mb") -> None
 
 
 def check_params(params: Iterable[torch.Tensor]) -> None:
-    """``ValueError`` for the first parameter that cannot be bucketed."""
-    for p in params:
-        _check_param(p)
+    """``ValueError`` for the first parameter that cannot be bucketed, named by its position."""
+    for i, p in enumerate(params):
+        _check_param(p, f" (parameter {i} of the optimizer, counted over its param_groups)")
 
 
-def _check_param(p: torch.Tensor) -> None:
+def _check_param(p: torch.Tensor, where: str = "") -> None:
     if not isinstance(p, torch.Tensor):
-        raise ValueError(f"Invalid parameter of type {type(p).__name__}; the optimizer must hold tensors.")
+        raise ValueError(f"Invalid parameter{where} of type {type(p).__name__}; the optimizer must hold tensors.")
+    if not (p.is_floating_point() or p.is_complex()):
+        raise ValueError(f"Invalid parameter{where} of shape {tuple(p.shape)} and dtype {p.dtype}: only floating-point "
+                         "parameters can be averaged. Keep integer and boolean tensors out of the optimizer (register "
+                         "them as buffers: module.register_buffer).")
     if p.is_sparse or p.layout != torch.strided:
-        raise ValueError(f"Invalid parameter with layout {p.layout}; only dense (strided) parameters can be bucketed.")
+        raise ValueError(f"Invalid parameter{where} with layout {p.layout}; only dense (strided) parameters can be "
+                         "bucketed.")
     if not p.is_leaf:
-        raise ValueError("Invalid parameter: it is not a leaf tensor, so it cannot be moved into a bucket.")
+        raise ValueError(f"Invalid parameter{where}: it is not a leaf tensor, so it cannot be moved into a bucket.")
     if p.device.type == "meta":
-        raise ValueError(f"Invalid parameter of shape {tuple(p.shape)} on the meta device: it has no values to "
+        raise ValueError(f"Invalid parameter{where} of shape {tuple(p.shape)} on the meta device: it has no values to "
                          "average. Materialise the model (e.g. model.to_empty(device=...) and initialise it) "
                          "before wrapping its optimizer.")
 
@@ -146,15 +149,6 @@ def _make_bucket(chunk: list[torch.Tensor], device: torch.device, dtype: torch.d
         bucket.pointers.append(p.data_ptr())
         offset += _aligned(p.numel(), esize)
     return bucket
-
-
-def layout_digest(buckets: list[Bucket]) -> str:
-    """Fingerprint of the bucket layout (dtypes, sizes, shapes); equal on ranks that hold the same model."""
-    h = hashlib.sha256()
-    for b in buckets:
-        h.update(repr((str(b.flat.dtype), b.flat.device.type, b.flat.numel(), b.frozen,
-                       [tuple(p.shape) for p in b.params])).encode())
-    return h.hexdigest()[:16]
 
 
 def describe_params(params: Iterable[torch.Tensor]) -> list[tuple[str, str, tuple[int, ...], bool]]:
