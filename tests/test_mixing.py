@@ -13,7 +13,9 @@ from decent_optim_wrapper.mixing import (
     compressed_mix_,
     compressed_pair_mix_,
     group_mix_,
+    group_mix_sent_,
     pair_mix_,
+    pair_mix_sent_,
     quantize,
     scale_for_sum,
 )
@@ -58,6 +60,35 @@ def test_compressed_mix_by_hand() -> None:
     out = compressed_mix_(x.clone(), qx, [qx, qy], 0.5)
     # x += 1/2 (q_y - q_x): moves by half the quantised difference; equal quantised values leave x untouched
     assert out.tolist() == [1.0 + 2**-8, 1.0 + 2**-9, 3.0]
+
+
+def test_quantize_saturates_values_beyond_the_wire_range_instead_of_making_inf() -> None:
+    x = torch.tensor([70000.0, -1e6, 65519.0, 65520.0, 1.5, 3.4e38])
+    q16 = quantize(x, torch.empty(6, dtype=torch.float16))
+    assert q16.tolist() == [65504.0, -65504.0, 65504.0, 65504.0, 1.5, 65504.0]  # float16 ends at 65504
+    q_bf = quantize(x, torch.empty(6, dtype=torch.bfloat16))
+    top = torch.finfo(torch.bfloat16).max  # 3.4e38 rounds above it, within 0.2% of float32's maximum
+    assert q_bf.tolist() == [70144.0, -999424.0, 65536.0, 65536.0, 1.5, top]
+    # the same on a tensor of the wire's own width or narrower: nothing to saturate
+    assert quantize(torch.tensor([1.0, 2.0], dtype=torch.float16), torch.empty(2, dtype=torch.float16)).tolist() \
+        == [1.0, 2.0]
+
+
+def test_pair_and_group_mix_of_what_was_sent_keep_a_write_and_the_bits() -> None:
+    g = torch.Generator().manual_seed(2)
+    sent, peer = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    # nothing written since the launch: the bits of the plain mix (the 0.1 arithmetic)
+    assert torch.equal(pair_mix_sent_(sent.clone(), sent.clone(), peer, 0.5), pair_mix_(sent.clone(), peer, 0.5))
+    summed = scale_for_sum(sent, 0.25, torch.empty(1000)) + scale_for_sum(peer, 0.75, torch.empty(1000))
+    assert torch.equal(group_mix_sent_(sent.clone(), sent.clone(), summed, 0.25, 0.25),
+                       group_mix_(sent.clone(), summed, 0.25, 0.25))
+    # written since: by hand, x = [1, 2], sent [1, 4], peer [3, 8]: mix of what was sent (2, 6), plus x - sent
+    x, s, y = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]), torch.tensor([3.0, 8.0])
+    assert pair_mix_sent_(x.clone(), s.clone(), y, 0.5).tolist() == [2.0, 4.0]
+    assert pair_mix_sent_(x.clone(), s.clone(), y, 0.75).tolist() == [1.5, 3.0]  # 3/4*[1,4] + 1/4*[3,8] - [0,2]
+    # a weighted group: self-weight 1/2, peer weight 1/4: 1/2*s + summed - 1/4*s, summed = 1/4*(s + 8 + 12)
+    summed = torch.tensor([(1.0 + 8 + 12) / 4, (4.0 + 8 + 12) / 4])
+    assert group_mix_sent_(x.clone(), s.clone(), summed, 0.5, 0.25).tolist() == [5.5, 5.0]
 
 
 def test_compressed_pair_mix_by_hand() -> None:

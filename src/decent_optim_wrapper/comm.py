@@ -19,14 +19,24 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from enum import IntEnum
 from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 from loguru import logger
 
-__all__ = ["GossipError", "Op", "Stamp", "StampExchange", "ProcessGroups", "global_rank", "as_timeout",
-           "wait_all", "digest32", "agree", "Checks"]
+__all__ = ["GossipError", "Op", "Failure", "Stamp", "StampExchange", "ProcessGroups", "global_rank", "as_timeout",
+           "wait_all", "digest32", "agree", "Checks", "DEFAULT_TIMEOUT", "UNEVEN_HINT"]
+
+# How long a step or a global operation waits for its peers by default: long enough for a peer that is
+# evaluating or saving a checkpoint, short enough that a mistake (ranks that took different numbers of steps)
+# ends in an error within minutes rather than after the process group's timeout (30 minutes on gloo).
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+
+UNEVEN_HINT = ("If the ranks have different amounts of data, wrap the training loop in "
+               "torch.distributed.algorithms.Join([optimizer]) (or Join([ddp_model])), or give every rank the same "
+               "number of batches.")
 
 
 class GossipError(RuntimeError):
@@ -43,10 +53,11 @@ def digest32(*parts: Any) -> int:
     return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
 
 
-def as_timeout(timeout: float | timedelta | None, name: str = "timeout") -> timedelta | None:
-    """Validate a user timeout. Waits have millisecond resolution, so a shorter one is rounded up to 1 ms."""
+def as_timeout(timeout: float | timedelta | None, name: str = "timeout") -> timedelta:
+    """Validate a user timeout (``None``: :data:`DEFAULT_TIMEOUT`). Waits have millisecond resolution, so a
+    shorter one is rounded up to 1 ms."""
     if timeout is None:
-        return None
+        return DEFAULT_TIMEOUT
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
         raise ValueError(f"Invalid {name}={timeout!r}. Must be a positive number of seconds, a timedelta or None.")
@@ -57,7 +68,8 @@ def as_timeout(timeout: float | timedelta | None, name: str = "timeout") -> time
 
 
 def wait_all(works: Sequence[dist.Work], timeout: timedelta | None, what: str) -> None:
-    """Wait for ``works``; a failure or a timeout becomes a :class:`GossipError` that says ``what`` failed."""
+    """Wait for ``works``; a failure or a timeout becomes a :class:`GossipError` that says ``what`` failed
+    (``timeout=None``: the process group's own)."""
     for w in works:
         try:
             if timeout is None:
@@ -67,44 +79,61 @@ def wait_all(works: Sequence[dist.Work], timeout: timedelta | None, what: str) -
         except RuntimeError as exc:
             within = f" within {timeout.total_seconds():g} s" if timeout is not None else ""
             raise GossipError(
-                f"{what} did not complete{within}. A peer may have died, hung, or stopped calling the same "
-                f"operations as this rank. The process group is unusable now; restart from a checkpoint. "
-                f"Cause: {exc}"
+                f"{what} did not complete{within}. A peer may have died, hung, stopped calling the same "
+                f"operations as this rank, or taken a different number of steps. {UNEVEN_HINT} The process group "
+                f"is unusable now; restart from a checkpoint. Cause: {exc}"
             ) from exc
 
 
-class Op:
+class Op(IntEnum):
     """Operation kinds carried by a stamp."""
 
     ROUND = 1  # a gossip round
     GLOBAL = 2  # global averaging, consensus distance, metrics: blocking, over all ranks
     LAYOUT = 3  # agreeing on the model (construction, add_param_group)
-    FAILED = 9  # this rank failed locally; ``info`` says why
 
-    NAMES = {ROUND: "a gossip round", GLOBAL: "a global operation", LAYOUT: "a layout agreement",
-             FAILED: "nothing (it failed)"}
+    @property
+    def description(self) -> str:
+        return {Op.ROUND: "a gossip round", Op.GLOBAL: "a global operation", Op.LAYOUT: "a layout agreement"}[self]
 
 
-# Why a rank failed, sent in a stamp so that its peers raise at once instead of timing out.
-FAILURES = {
-    1: "its parameters are no longer views into the buckets (their storage was replaced after wrapping)",
-    2: "it has non-finite (inf/NaN) parameters",
-    3: "it raised an exception",
-    4: "its parameters were modified in place while a round was sending them",
+def _describe(op: int) -> str:
+    return Op(op).description if op in Op._value2member_map_ else f"operation {op}"
+
+
+class Failure(IntEnum):
+    """Why a rank failed, sent in a stamp so that its peers raise at once instead of timing out."""
+
+    NONE = 0
+    LEFT_BUCKET = 1
+    NON_FINITE = 2
+    CANNOT_SHADOW = 3
+
+    @property
+    def reason(self) -> str:
+        return _REASONS[self]
+
+
+_REASONS = {
+    Failure.NONE: "nothing",
+    Failure.LEFT_BUCKET: "its parameters are no longer views into the buckets (their storage was replaced after "
+                         "wrapping)",
+    Failure.NON_FINITE: "it has non-finite (inf/NaN) parameters",
+    Failure.CANNOT_SHADOW: "it ran out of inputs inside a Join and cannot stand in for that operation (only step(), "
+                           "global_avg(), revert_global_avg() and consensus_distance() can be shadowed)",
 }
 
 
 @dataclass(frozen=True)
 class Stamp:
     """What a rank is doing: ``op`` (an :class:`Op`), its ``round``, element count and a fingerprint
-    ``ident`` of what it averages (which buckets, which operation), and ``failed`` (a :data:`FAILURES` key
-    or 0)."""
+    ``ident`` of what it averages (which buckets, which operation), and ``failed`` (a :class:`Failure`)."""
 
     op: int
     round: int
     numel: int
     ident: int
-    failed: int = 0
+    failed: int = Failure.NONE
 
     def values(self) -> list[int]:
         return [self.op, self.round, self.numel, self.ident, self.failed]
@@ -119,6 +148,7 @@ class StampExchange:
     def __init__(self, stamp: Stamp, rank: int, ranks: tuple[int, ...], control: dist.ProcessGroup,
                  global_peer: int | None, tag: int) -> None:
         self.stamp, self.rank, self.ranks = stamp, rank, ranks
+        self.verified = False
         mine = stamp.values()
         if global_peer is not None:
             # A pair: the peer's stamp itself arrives, so a mismatch names the peer.
@@ -133,7 +163,10 @@ class StampExchange:
             self.works = [dist.all_reduce(self._in, op=dist.ReduceOp.MAX, group=control, async_op=True)]
 
     def verify(self, timeout: timedelta | None, what: str) -> None:
-        """Wait for the exchange and raise :class:`GossipError` if any member did something else."""
+        """Wait for the exchange and raise :class:`GossipError` if any member did something else. Once it has
+        passed, it returns at once (a gloo point-to-point work must not be waited for twice)."""
+        if self.verified:
+            return
         wait_all(self.works, timeout, f"rank {self.rank}: {what}")
         v = self._in.tolist()
         if len(v) == _N + 1:  # a pair: the peer's own stamp
@@ -144,20 +177,25 @@ class StampExchange:
             problem = self._compare(lo, hi, v[2 * _N] - 1, None)
         if problem is not None:
             raise GossipError(f"rank {self.rank}: {what}: {problem}")
+        self.verified = True
 
     def _compare(self, lo: Stamp, hi: Stamp, failer: int, peer: int | None) -> str | None:
         s = self.stamp
         others = f"rank {peer}" if peer is not None else f"the group {list(self.ranks)}"
         if hi.failed and failer != self.rank:
-            return f"rank {failer} failed: {FAILURES.get(hi.failed, 'unknown failure')}."
+            reason = Failure(hi.failed).reason if hi.failed in Failure._value2member_map_ else "an unknown failure"
+            return f"rank {failer} failed: {reason}."
+        rounds = "" if lo.round == hi.round == s.round else (
+            f" (this rank at round {s.round}, {others} at "
+            f"{f'round {lo.round}' if lo.round == hi.round else f'rounds {lo.round} to {hi.round}'})")
         if lo.op != s.op or hi.op != s.op:
-            theirs = {Op.NAMES.get(o, str(o)) for o in (lo.op, hi.op) if o != s.op}
-            return (f"this rank did {Op.NAMES.get(s.op)} while {others} did {', '.join(sorted(theirs))}. Every rank "
-                    "must call step(), global_avg(), consensus_distance() and the like in the same order.")
+            theirs = {_describe(o) for o in (lo.op, hi.op) if o != s.op}
+            steps = f"; the ranks took different numbers of steps{rounds}. {UNEVEN_HINT}" if rounds else "."
+            return (f"this rank did {_describe(s.op)} while {others} did {', '.join(sorted(theirs))}{steps} Every "
+                    "rank must call step(), global_avg(), consensus_distance() and the like in the same order.")
         if lo.round != s.round or hi.round != s.round:
-            at = f"round {lo.round}" if lo.round == hi.round else f"rounds {lo.round} to {hi.round}"
-            return (f"out of step: at its round {s.round} this rank averaged with {others}, which was at {at}. "
-                    "Every rank must call step() the same number of times and resume from the same step.")
+            return (f"out of step: the ranks took different numbers of steps{rounds}. Every rank must call step() "
+                    f"the same number of times and resume from the same step. {UNEVEN_HINT}")
         if lo.ident != s.ident or hi.ident != s.ident:
             return (f"{others} averaged different buckets or did another operation in round {s.round} (ranks "
                     "launched their buckets in different orders, or hold different models).")
@@ -173,9 +211,7 @@ class ProcessGroups:
 
     Data groups use the parent's backend; control groups are gloo twins. A data group of every rank of the
     parent is the parent itself. Groups are created once and cached process-wide; :meth:`prepare` creates a
-    whole schedule's groups on *every* rank in one global order (torch names a group after a counter that
-    every creating call advances, so ranks that created different sequences of groups would disagree on
-    later names and deadlock), members joining only their own groups' rendezvous.
+    whole schedule's groups at construction, never mid-training.
     """
 
     _cache: dict[tuple[Any, tuple[int, ...], str, str], Any] = {}
@@ -188,13 +224,34 @@ class ProcessGroups:
     def to_global(self, ranks: Sequence[int]) -> tuple[int, ...]:
         return tuple(global_rank(self.parent, r) for r in ranks)
 
-    def prepare(self, specs: Sequence[tuple[tuple[int, ...], str]]) -> None:
-        """Create the groups ``(ranks, "data" | "data-back" | "control")`` (ranks of the parent), in this order, on
-        every rank."""
-        for ranks, kind in specs:
-            if kind == "data" and len(ranks) == self.world_size:
+    def prepare(self, slots: Sequence[Sequence[tuple[tuple[int, ...], str]]]) -> None:
+        """Create the groups ``(ranks, "data" | "data-back" | "control")`` (ranks of the parent), slot by slot, on
+        every rank of the gossip world; the groups of one slot are disjoint.
+
+        torch names a group that only its members create (``use_local_synchronization=True``, which spares every
+        other rank a rendezvous) after a counter that only its members advance (torch 2.15: non-members return
+        before it moves). Two members that had created different numbers of groups before would then compute
+        different names for the same group and wait for each other forever (a ring of 3 with all-reduce pairs
+        did). So every rank advances the counter by exactly one per slot: a member of a new group of the slot
+        creates it, any other rank creates and drops a group of its own. A group of every rank of the job is
+        created by all of them, torch's default.
+        """
+        me = dist.get_rank()
+        for slot in slots:
+            new = [(g, kind) for g, kind in ((self.to_global(r), kind) for r, kind in slot
+                                             if not (kind == "data" and len(r) == self.world_size))
+                   if self._key(g, kind) not in self._cache]
+            if not new:
                 continue
-            self._create(self.to_global(ranks), kind)
+            mine = [(g, kind) for g, kind in new if me in g]
+            for g, kind in new:
+                if me not in g:  # torch's marker, so that this rank never creates the group later
+                    self._cache[self._key(g, kind)] = dist.GroupMember.NON_GROUP_MEMBER
+            if mine:
+                self._create(*mine[0])
+            else:
+                pad = dist.new_group([me], backend="gloo", use_local_synchronization=True)
+                dist.destroy_process_group(pad)
 
     def data(self, ranks: Sequence[int]) -> dist.ProcessGroup | None:
         """The data group of ``ranks`` (ranks of the parent)."""
@@ -211,6 +268,10 @@ class ProcessGroups:
         ranks = range(self.world_size) if ranks is None else ranks
         return self._get(self.to_global(ranks), "control")
 
+    def _key(self, global_ranks: tuple[int, ...], kind: str) -> tuple[Any, tuple[int, ...], str, str]:
+        backend = "gloo" if kind == "control" else self.backend
+        return dist.distributed_c10d._get_default_group(), global_ranks, kind, backend
+
     def _get(self, global_ranks: tuple[int, ...], kind: str) -> dist.ProcessGroup:
         pg = self._create(global_ranks, kind)
         if pg is dist.GroupMember.NON_GROUP_MEMBER:
@@ -218,16 +279,18 @@ class ProcessGroups:
         return cast(dist.ProcessGroup, pg)
 
     def _create(self, global_ranks: tuple[int, ...], kind: str) -> Any:
-        backend = "gloo" if kind == "control" else self.backend
-        key = (dist.distributed_c10d._get_default_group(), global_ranks, kind, backend)
+        key = self._key(global_ranks, kind)
         if key not in self._cache:
-            logger.debug("rank {}: creating {} process group {}", dist.get_rank(), kind, list(global_ranks))
-            # Only the members rendezvous (no O(world size) connection set-up on every rank); a non-member
-            # gets torch's marker and keeps it, so that it never creates the group a second time.
+            logger.debug("rank {}: creating the {} of ranks {}", dist.get_rank(), _KINDS[kind], list(global_ranks))
             everyone = len(global_ranks) == dist.get_world_size()
-            self._cache[key] = dist.new_group(list(global_ranks), backend=backend,
+            self._cache[key] = dist.new_group(list(global_ranks), backend=key[3],
                                               use_local_synchronization=not everyone)
         return self._cache[key]
+
+
+_KINDS = {"data": "process group for parameters",
+          "data-back": "second process group for parameters (the reverse direction of point-to-point pairs)",
+          "control": "gloo process group for the round checks"}
 
 
 class Checks:

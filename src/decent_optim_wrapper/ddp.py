@@ -5,7 +5,9 @@ registration order (roughly the order their gradients become ready in backward).
 optimizer from ``optim_fn`` and is driven by its own :class:`~decent_optim_wrapper.DecentOptimWrapper`. When
 the last gradient of a bucket has been accumulated during ``backward()``, that bucket is stepped right away:
 its previous averaging is applied, its optimizer steps, and its next averaging starts, while backward goes on
-computing the gradients of earlier layers. No ``optimizer.step()`` in the training loop.
+computing the gradients of earlier layers. At the end of every backward pass the buckets not stepped yet (some
+of their parameters got no gradient) step too, so every rank takes every bucket's round and no gradient waits
+for a ``zero_grad()`` to wipe it. No ``optimizer.step()`` in the training loop.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import Any
 import torch
 from loguru import logger
 from torch import Tensor, nn
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.optim import Optimizer
 
 from .buckets import check_bucket_cap
 from .comm import Checks, ProcessGroups, agree, digest32
-from .wrapper import DecentOptimWrapper
+from .gossip import Shadow
+from .wrapper import DecentOptimWrapper, _revert_flag
 
 __all__ = ["DecentralizedDataParallel", "OPTIM_FN_TYPE", "LR_SCHEDULER_FN_TYPE"]
 
@@ -28,8 +32,11 @@ OPTIM_FN_TYPE = Callable[[list[tuple[str, Tensor]]], Optimizer]
 LR_SCHEDULER_FN_TYPE = Callable[[Optimizer], Any]
 
 
-class DecentralizedDataParallel(nn.Module):
+class DecentralizedDataParallel(nn.Module, Joinable):
     """Wrap ``model`` for decentralized data-parallel training; the optimizer steps inside ``backward()``.
+
+    Uneven inputs: inside ``torch.distributed.algorithms.Join([ddp_model])`` a rank that ran out of data stands
+    in for the others' iterations (and their ``global_avg``) until every rank is done.
 
     Args:
         model: the model, already on its device.
@@ -45,7 +52,8 @@ class DecentralizedDataParallel(nn.Module):
             :meth:`global_avg`.
         bucket_size_in_mb: target bucket size.
         local_world_size: ranks per node for hierarchical topologies; default ``LOCAL_WORLD_SIZE`` or 1.
-        timeout: seconds a bucket's averaging may wait for its peers (see ``DecentOptimWrapper``).
+        timeout: seconds a bucket's averaging may wait for its peers (see ``DecentOptimWrapper``; default 5
+            minutes).
         process_group: gossip among this group's members only (default: the world).
     """
 
@@ -56,6 +64,8 @@ class DecentralizedDataParallel(nn.Module):
                  process_group: torch.distributed.ProcessGroup | None = None,
                  wire_dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        Joinable.__init__(self)  # the Join configuration: off outside a Join
+        self._join_work: Any = None
         # Every argument is checked, and every bucket's optimizer built, before the first collective; the
         # verdict is shared, so a problem on one rank raises the same ValueError on all of them.
         checks = Checks(None)
@@ -72,6 +82,7 @@ class DecentralizedDataParallel(nn.Module):
         self._accumulating = False
         self._accumulated = False  # a backward ran while accumulating: set_accumulate_grad(False) steps
         self._iteration_open = False  # a gradient arrived in this iteration; every bucket must step
+        self._end_queued = False  # the end-of-backward callback of the running backward pass is queued
 
         chunks = _bucket_plan(model, bucket_size_in_mb) if checks.error is None else []
         inners: list[Optimizer] = []
@@ -135,6 +146,12 @@ class DecentralizedDataParallel(nn.Module):
                 self._accumulated = True
                 return
             self._iteration_open = True
+            if not self._end_queued:
+                # Buckets with a parameter that gets no gradient (an unused layer, a branch one rank skips) never
+                # become ready, and neither do the buckets queued behind them: they step when backward ends (as
+                # torch's reducer finalises there), before a zero_grad() could wipe their gradients.
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+                self._end_queued = True
             self._ready[bucket] += 1
             # Step every bucket whose turn has come and whose gradients are all there.
             while self._next < len(self._ready) and self._ready[self._next] == len(self._bucket_params[self._next]):
@@ -144,9 +161,15 @@ class DecentralizedDataParallel(nn.Module):
 
         return hook
 
+    def _end_of_backward(self) -> None:
+        self._end_queued = False
+        self._flush()
+
     @torch.no_grad()
     def _step_bucket(self, i: int) -> None:
         assert i == self._next  # buckets step in index order, always
+        if i == 0:  # an iteration's rounds begin: inside a Join, tell the ranks that ran out of inputs
+            self._announce(Shadow.STEP)
         opt = self._optimizers[i]
         if self._scaler is not None:
             if self._grad_clip_norm > 0:
@@ -202,26 +225,61 @@ class DecentralizedDataParallel(nn.Module):
             self._finish_iteration()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear gradients (the buckets already clear theirs after stepping)."""
+        """Clear gradients (the buckets already clear theirs after stepping). Buckets of an iteration not stepped
+        yet step first, so no gradient is lost."""
+        self._flush()
         self.module.zero_grad(set_to_none=set_to_none)
 
     # ------------------------------------------------------------------ evaluation, export, metrics
 
-    def global_avg(self, will_revert: bool = True) -> None:
-        """Replace every worker's parameters (and buffers, if ``sync_buffer_in_global_avg``) by the mean."""
+    def global_avg(self, may_revert: bool = True, *, will_revert: bool | None = None) -> None:
+        """Replace every worker's parameters (and buffers, if ``sync_buffer_in_global_avg``) by the mean.
+
+        ``may_revert=True`` keeps what is replaced until :meth:`revert_global_avg`; ``will_revert`` is a
+        deprecated alias (Decent-DP's name)."""
+        may_revert = _revert_flag(may_revert, will_revert)
         self._flush()
+        self._announce(Shadow.GLOBAL_AVG, int(may_revert) | (2 if self._sync_buffers else 0))
         for k, opt in enumerate(self._optimizers):
             # the module's buffers are averaged once, with the first bucket
-            opt.global_avg(may_revert=will_revert, module=self.module if self._sync_buffers and k == 0 else None)
+            opt.global_avg(may_revert=may_revert, module=self.module if self._sync_buffers and k == 0 else None)
 
     def revert_global_avg(self) -> None:
         """Restore what :meth:`global_avg` replaced; training continues as if it never ran."""
+        self._announce(Shadow.REVERT)
         for opt in self._optimizers:
             opt.revert_global_avg()
 
     def consensus_distance(self) -> float:
         """``sqrt(mean_i ||x_i - x̄||^2)`` over all trainable parameters; the same on every rank."""
+        self._announce(Shadow.CONSENSUS)
         return sum(opt.consensus_distance() ** 2 for opt in self._optimizers) ** 0.5
+
+    # ------------------------------------------------------------------ uneven inputs (torch's Join)
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        """What this rank does inside ``Join([ddp_model])`` once it has run out of inputs: until every rank has,
+        it stands in for each iteration of the ranks still training (every bucket's round, with the parameters
+        as they are, no local update, no LR scheduler step) and for their ``global_avg``,
+        ``revert_global_avg`` and ``consensus_distance``."""
+        return _FacadeShadowHook(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self._optimizers[0].join_device
+
+    @property
+    def join_process_group(self) -> Any:
+        return self._optimizers[0].join_process_group
+
+    def _announce(self, op: Shadow, arg: int = 0) -> None:
+        if self._join_config.enable:
+            self._join_work = Join.notify_join_context(self) or self._join_work
+            self._optimizers[0].gossip.announce(op, arg)
+
+    def _shadow(self) -> None:
+        op, arg = self._optimizers[0]._hear()
+        for k, opt in enumerate(self._optimizers):
+            opt._shadow_op(op, arg, self.module if k == 0 and arg & 2 else None)
 
     def get_lr(self) -> float:
         """The current learning rate of the first bucket."""
@@ -246,6 +304,16 @@ class DecentralizedDataParallel(nn.Module):
         for sched, sd in zip(self._schedulers, state["schedulers"]):
             if sched is not None and sd is not None:
                 sched.load_state_dict(sd)
+
+
+class _FacadeShadowHook(JoinHook):
+    """The Join hook of a :class:`DecentralizedDataParallel` (see its :meth:`~DecentralizedDataParallel.join_hook`)."""
+
+    def __init__(self, ddp: DecentralizedDataParallel) -> None:
+        self.ddp = ddp
+
+    def main_hook(self) -> None:
+        self.ddp._shadow()
 
 
 def _check_model(model: Any) -> None:

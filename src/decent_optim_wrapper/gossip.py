@@ -9,16 +9,25 @@ Round ``t`` of the schedule is launched by :meth:`Gossip.launch` (non-blocking) 
 Every launch sends a stamp on the control plane (see :mod:`~decent_optim_wrapper.comm`); the stamp is
 checked before the round's result is used, and *before its data moves* when the set of buckets changed since
 the previous round (a thaw), so that ranks that disagree never line up data collectives of different sizes.
+Operations over every rank (global averaging, consensus distance, metrics) agree on the control plane first,
+while watching the round in flight, so that ranks that took different numbers of steps learn it at once.
+
+A round sends copies made at launch (see :mod:`~decent_optim_wrapper.transport`), and its result is applied as
+a correction to whatever the parameters hold by then: a parameter written between two steps keeps its write.
+
+**Uneven inputs.** Inside ``torch.distributed.algorithms.Join``, the ranks still training *announce* each
+operation (:meth:`Gossip.announce`) on the control plane, and a rank that ran out of inputs *hears* it
+(:meth:`Gossip.hear`) and stands in for it: it takes part in the round with its parameters as they are.
 """
 
 from __future__ import annotations
 
-import operator
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from enum import IntEnum
 from typing import Any
 
 import torch
@@ -26,11 +35,11 @@ import torch.distributed as dist
 from loguru import logger
 
 from .buckets import Bucket
-from .comm import GossipError, Op, ProcessGroups, Stamp, StampExchange, digest32, global_rank, wait_all
+from .comm import Failure, GossipError, Op, ProcessGroups, Stamp, StampExchange, digest32, global_rank, wait_all
 from .topo import Group, Schedule
 from .transport import Piece, Transport, choose
 
-__all__ = ["Gossip", "CommStats", "next_instance"]
+__all__ = ["Gossip", "CommStats", "Shadow", "next_instance"]
 
 # Point-to-point tags: one range per Gossip object (gloo keeps them apart; NCCL has no tags, and the order of
 # launches, agreed by every rank, is what matches messages there).
@@ -47,6 +56,16 @@ def next_instance(groups: ProcessGroups) -> int:
     return _instances.get(_world_key(groups), 0)
 
 
+class Shadow(IntEnum):
+    """What a rank still training inside a ``Join`` announces it does next (see :meth:`Gossip.announce`)."""
+
+    STEP = 1
+    GLOBAL_AVG = 2  # argument: 1 if it may be reverted, + 2 if a module's buffers are averaged too
+    REVERT = 3
+    CONSENSUS = 4
+    METRICS = 5
+
+
 @dataclass(frozen=True)
 class CommStats:
     """Communication so far: ``rounds`` launched that moved data, ``bytes_sent`` by this rank (parameters
@@ -61,15 +80,14 @@ class CommStats:
 
 @dataclass
 class _InFlight:
-    """A launched round whose result is not yet applied: its pieces, in the order they are applied."""
+    """A launched round whose result is not yet applied: its pieces, in the order they are applied, and for
+    each transport the buckets it sent (to find what was sent, for a checkpoint)."""
 
     index: int
     group: Group
     pieces: list[Piece]
     stamp: StampExchange | None
-    # Version counters of the parameters of buckets sent with no copy, at launch: an in-place write while the
-    # send is in flight would reach the peer torn.
-    versions: list[tuple[int, list[int]]] = field(default_factory=list)
+    parts: list[tuple[Transport, list[int]]] = field(default_factory=list)
     settled: bool = False  # communication complete and checked; the result waits in the buffers
 
     @property
@@ -83,7 +101,6 @@ class _Held:
 
     flats: list[torch.Tensor]
     pending: _InFlight | None
-    relaunch: bool
     extras: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
@@ -118,6 +135,8 @@ class Gossip:
         self._stats = CommStats()
         self._pending: _InFlight | None = None
         self._relaunch = False  # resumed with a round in flight: run it again before applying
+        self._resend: dict[int, torch.Tensor] | None = None  # ...sending these (bucket index -> what was sent)
+        self._announced: tuple[torch.Tensor, dist.Work] | None = None  # the last announcement, in Join mode
         self._held: _Held | None = None
         self._buffers: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
         self._active = self._active_ids()
@@ -125,7 +144,7 @@ class Gossip:
         # full-precision transport, and one for the buckets that travel compressed.
         self._transports: dict[tuple[tuple[int, ...], bool], Transport] = {}
         if groups is not None:
-            groups.prepare(self._group_specs())
+            groups.prepare(self._group_slots())
         for t in range(schedule.period):
             group = schedule.group(rank, t)
             if group.size > 1 and (group.ranks, False) not in self._transports:
@@ -163,11 +182,11 @@ class Gossip:
         self.buckets.extend(buckets)
 
     # ------------------------------------------------------------------ rounds
-    def launch(self, failed: int = 0) -> None:
+    def launch(self, failed: Failure = Failure.NONE) -> None:
         """Start round :attr:`round` without blocking, then count it.
 
-        ``failed`` (a :data:`~decent_optim_wrapper.comm.FAILURES` key) sends only the stamp, so that the
-        peers learn at once why this rank stops; the caller then raises.
+        ``failed`` sends only the stamp, so that the peers learn at once why this rank stops; the caller then
+        raises.
         """
         if self._pending is not None:
             raise RuntimeError("Gossip.launch() while a round is in flight; apply() it first.")
@@ -177,6 +196,7 @@ class Gossip:
         self.round += 1
         group = self.schedule.group(self.rank, t)
         ids = self._active_ids()
+        resend, self._resend = self._resend, None
         if group.size == 1 or not ids:
             return
         stamp = None
@@ -195,21 +215,26 @@ class Gossip:
             return
         self._active = ids
         pieces: list[Piece] = []
+        parts: list[tuple[Transport, list[int]]] = []
         sent = 0
-        versions: list[tuple[int, list[int]]] = []
         for compressed in (False, True):
             part = [i for i in ids if self._compressed(i) == compressed]
             if part:
                 transport = self._transports[group.ranks, compressed]
                 flats = [self.buckets[i].flat for i in part]
-                if transport.sends_buckets:  # before the launch: the first pieces may be on the wire at once
-                    versions += [(i, list(map(_VERSION, self.buckets[i].params))) for i in part]
-                pieces += transport.launch(flats, part, self._buffer, tag=len(pieces))
+                if resend is not None:  # a round resumed from a checkpoint: what it sent then, not a new copy
+                    for i, flat, buf in zip(part, flats, transport.sent(part, self._buffer, flats)):
+                        if i in resend:
+                            buf.copy_(resend[i])
+                        else:  # the checkpoint left it out: it was what a copy of the bucket gives
+                            transport.snapshot(flat, buf)
+                pieces += transport.launch(flats, part, self._buffer, tag=len(pieces), resend=resend is not None)
+                parts.append((transport, part))
                 sent += transport.bytes_sent(flats)
         self._stats = replace(self._stats, rounds=self._stats.rounds + 1, bytes_sent=self._stats.bytes_sent + sent)
-        self._pending = _InFlight(t, group, pieces, stamp, versions)
+        self._pending = _InFlight(t, group, pieces, stamp, parts)
 
-    def fail(self, code: int) -> None:
+    def fail(self, code: Failure) -> None:
         """Tell this round's peers that this rank failed (see :meth:`launch`); the round in flight is abandoned."""
         pending, self._pending, self._relaunch = self._pending, None, False
         if pending is not None and not pending.settled:
@@ -222,8 +247,9 @@ class Gossip:
         pending = self._relaunched()
         if pending is None:
             return
-        if not pending.settled:
-            self._verify(pending, check_writes=True)
+        if not pending.settled and pending.stamp is not None:
+            with self._waiting(pending) as what:
+                pending.stamp.verify(self.timeout, what)
         self._pending = None
         for piece in pending.pieces:
             if not pending.settled:
@@ -239,31 +265,22 @@ class Gossip:
             self.launch()
         return self._pending
 
-    def _settle(self, check_writes: bool = True) -> _InFlight | None:
+    def _settle(self) -> _InFlight | None:
         """Wait for the round in flight (re-running it first after a resume) and check it; keep it."""
         self._relaunched()
-        return self._drain(check_writes)
+        return self._drain()
 
-    def _drain(self, check_writes: bool = False) -> _InFlight | None:
-        """Wait for the round in flight and check its stamp (and, with ``check_writes``, that nobody wrote the
-        buckets it sent); keep it."""
+    def _drain(self) -> _InFlight | None:
+        """Wait for the round in flight and check its stamp; keep it."""
         pending = self._pending
         if pending is None or pending.settled:
             return pending
-        self._verify(pending, check_writes)
         with self._waiting(pending) as what:
+            if pending.stamp is not None:
+                pending.stamp.verify(self.timeout, what)
             self._wait_data(pending.works, what)
         pending.settled = True
         return pending
-
-    def _verify(self, pending: _InFlight, check_writes: bool) -> None:
-        """Check the stamp of the round in flight (waiting for the peers' stamps) and, with ``check_writes``,
-        that nobody wrote the buckets it sends while they were being sent."""
-        if pending.stamp is not None:
-            with self._waiting(pending) as what:
-                pending.stamp.verify(self.timeout, what)
-        if check_writes:
-            self._check_unchanged(pending)
 
     @contextmanager
     def _waiting(self, pending: _InFlight) -> Iterator[str]:
@@ -277,16 +294,6 @@ class Gossip:
             raise
         finally:
             self._stats = replace(self._stats, wait_s=self._stats.wait_s + time.perf_counter() - start)
-
-    def _check_unchanged(self, pending: _InFlight) -> None:
-        for i, versions in pending.versions:
-            if list(map(_VERSION, self.buckets[i].params)) != versions:
-                self.fail(4)
-                raise ValueError(
-                    f"rank {self.rank}: parameters were modified in place between two step() calls (after round "
-                    f"{pending.index} was launched), while they were being sent to the peer: it may have received "
-                    "some old and some new values. Change parameters inside the step (a step post-hook on the "
-                    "inner optimizer runs before the round is launched), or call finish() before changing them.")
 
     def _wait_data(self, works: list[dist.Work], what: str) -> None:
         if self._stream_ordered:
@@ -309,13 +316,13 @@ class Gossip:
         The round in flight is set aside, not applied. With ``may_revert`` everything replaced is kept
         until :meth:`revert` (or dropped by :meth:`drop_held`).
         """
-        # A round that will be dropped (no revert) may have sent torn values: every rank drops its own.
-        pending = self._settle(check_writes=may_revert)
+        tensors = [b.flat for b in self.buckets] + extras
+        self.agree_global("global_avg", _layout(tensors))
+        pending = self._settle()
         if may_revert and self._held is None:
-            self._held = _Held([b.flat.clone() for b in self.buckets], pending, False,
-                               [(t, t.clone()) for t in extras])
+            self._held = _Held([b.flat.clone() for b in self.buckets], pending, [(t, t.clone()) for t in extras])
         self._pending = None
-        self.global_mean([b.flat for b in self.buckets] + extras, "global_avg")
+        self._mean(tensors, "global_avg")
 
     def revert(self) -> None:
         """Undo :meth:`average_globally`: the parameters, ``extras`` and the round in flight come back."""
@@ -329,7 +336,7 @@ class Gossip:
                 b.flat.copy_(saved)
             for t, saved in held.extras:
                 t.copy_(saved)
-        self._pending, self._relaunch = held.pending, held.relaunch
+        self._pending = held.pending
 
     def drop_held(self) -> bool:
         """Forget what :meth:`average_globally` held (training goes on from the average); whether there was any."""
@@ -343,23 +350,38 @@ class Gossip:
         Every rank first confirms on the control plane that all of them are doing this same operation, so a
         rank that calls it alone fails with :class:`GossipError` instead of lining up with a gossip round.
         """
+        self.agree_global(what, _layout(tensors))
+        self._mean(tensors, what)
+
+    @torch.no_grad()
+    def _mean(self, tensors: list[torch.Tensor], what: str) -> None:
         if self.groups is None:
             return
         n = self.groups.world_size
-        self.agree_global(what, [(str(t.dtype), t.numel()) for t in tensors])
         works = []
         for t in tensors:
             t.mul_(1.0 / n)  # scale first, as the rounds do: x/n summed, never a sum that could overflow
             works.append(dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.groups.parent, async_op=True))
         self._wait_data(works, what)
 
-    def agree_global(self, what: str, detail: Any) -> None:
-        """Blocking check that every rank of the gossip world is doing ``what`` with the same ``detail``."""
+    def agree_global(self, what: str, detail: Any, failed: Failure = Failure.NONE) -> None:
+        """Blocking check that every rank of the gossip world is doing ``what`` with the same ``detail`` at the
+        same round (``failed``: tell them instead why this rank cannot).
+
+        A rank that took one step more than a peer has a round in flight whose stamp that peer never sends. If
+        the round's group is every rank, its stamp travels on the same channel as this one and was posted first,
+        so it is checked first: it meets the peer's stamp for this operation, and both ranks learn at once that
+        they are out of step. Otherwise this operation's stamp is checked first: every rank sends it.
+        """
         if self.groups is None:
             return
-        ident = digest32(what, detail)
-        stamp = Stamp(Op.GLOBAL, self.round, 0, ident)
-        self._stamp(stamp, None).verify(self.timeout, f"{what} at round {self.round}")
+        stamp = self._stamp(Stamp(Op.GLOBAL, self.round, 0, digest32(what, detail), failed), None)
+        pending = self._pending
+        if pending is not None and not pending.settled and pending.stamp is not None \
+                and pending.group.size == self.groups.world_size:
+            with self._waiting(pending) as label:
+                pending.stamp.verify(self.timeout, label)
+        stamp.verify(self.timeout, f"{what} at round {self.round}")
 
     def control_sum(self, values: list[float]) -> list[float]:
         """Sum small host values over all ranks on the control plane (after :meth:`agree_global`)."""
@@ -379,18 +401,70 @@ class Gossip:
                                  global_rank(self.groups.parent, peer), self.tag)
         return StampExchange(stamp, self.rank, ranks, self.groups.control(ranks), None, self.tag)
 
+    # ------------------------------------------------------------------ uneven inputs (Join)
+    def announce(self, op: int, arg: int = 0) -> None:
+        """On a rank still training inside a ``Join``: say what this rank does next (``op`` with ``arg``) to the
+        ranks that ran out of inputs (:meth:`hear`). Non-blocking; the previous announcement is checked, since
+        every rank still training must have announced the same."""
+        if self.groups is None:
+            return
+        self._check_announced()
+        mine = [op, self.round, arg, self.instance]
+        t = torch.tensor(mine + [-v for v in mine], dtype=torch.int64)
+        self._announced = (t, dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.groups.control(), async_op=True))
+
+    def hear(self) -> list[int]:
+        """On a rank that ran out of inputs inside a ``Join``: ``[op, round, arg, instance]`` that the ranks still
+        training announced (blocking)."""
+        assert self.groups is not None
+        t = torch.full((8,), _SILENT, dtype=torch.int64)
+        wait_all([dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.groups.control(), async_op=True)],
+                 self.timeout, f"rank {self.rank}: waiting (out of inputs, inside a Join) for the next operation of "
+                               "the ranks still training")
+        return self._announcement(t)
+
+    def _check_announced(self) -> None:
+        if self._announced is not None:
+            t, work = self._announced
+            self._announced = None
+            wait_all([work], self.timeout, f"rank {self.rank}: announcing an operation inside a Join")
+            self._announcement(t)
+
+    def _announcement(self, t: torch.Tensor) -> list[int]:
+        hi, lo = t[:4].tolist(), [-v for v in t[4:].tolist()]
+        if hi != lo:
+            raise GossipError(f"rank {self.rank}: inside a Join, the ranks still training did different things (an "
+                              f"operation, round, argument and optimizer of {lo} and of {hi}): every rank must call "
+                              "step(), global_avg() and the like on the same optimizers in the same order.")
+        return hi
+
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """The round counter, whether a round was in flight, and the buckets, as :meth:`revert` would leave them."""
+        """The round counter, whether a round was in flight, and the buckets, as :meth:`revert` would leave them;
+        and ``"sent"``, what the round in flight sent of the buckets where that is not what a copy of them gives
+        now (they were written since), so that resuming sends the very same values."""
         held = self._held
-        if held is not None:
-            return {"round": self.round, "pending": held.pending is not None or held.relaunch,
-                    "buckets": list(held.flats)}
-        return {"round": self.round, "pending": self.pending, "buckets": [b.flat for b in self.buckets]}
+        flats = list(held.flats) if held is not None else [b.flat for b in self.buckets]
+        pending = held.pending if held is not None else self._pending
+        state: dict[str, Any] = {"round": self.round, "pending": pending is not None or self._relaunch,
+                                 "buckets": flats}
+        sent = self._resend if self._relaunch else self._sent_since_written(pending, flats)
+        if sent:
+            state["sent"] = dict(sent)
+        return state
+
+    def _sent_since_written(self, pending: _InFlight | None, flats: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        out: dict[int, torch.Tensor] = {}
+        for transport, ids in pending.parts if pending is not None else []:
+            mine = [flats[i] for i in ids]
+            for i, flat, sent in zip(ids, mine, transport.sent(ids, self._buffer, mine)):
+                if not torch.equal(sent, transport.snapshot(flat, torch.empty_like(sent))):
+                    out[i] = sent
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (already validated by the caller): a round that was in flight is run
-        again from the saved buckets on the next :meth:`apply`, which reproduces its result exactly."""
+        again on the next :meth:`apply`, sending what it sent then, which reproduces its result exactly."""
         # Whatever was in flight belongs to the run being replaced, but its messages must land before its buffers
         # are used again (and gloo must never see an in-flight point-to-point operation destroyed).
         self._drain()
@@ -400,28 +474,36 @@ class Gossip:
                 b.flat.copy_(t)
         self.round = int(state["round"])
         self._relaunch = bool(state["pending"]) and self.round > 0
+        sent = state.get("sent")
+        self._resend = {int(i): t for i, t in sent.items()} if self._relaunch and sent else None
 
     # ------------------------------------------------------------------ helpers
     def _active_ids(self) -> list[int]:
         return [i for i, b in enumerate(self.buckets) if not b.frozen]
 
-    def _group_specs(self) -> list[tuple[tuple[int, ...], str]]:
-        """Every process group the schedule needs, on any rank, in one order (the same on every rank)."""
+    def _group_slots(self) -> list[list[tuple[tuple[int, ...], str]]]:
+        """Every process group the schedule needs, on any rank, in slots of disjoint groups (one slot per round
+        and kind), in the same order on every rank (see :meth:`ProcessGroups.prepare`)."""
         assert self.groups is not None
         device = self.buckets[0].flat.device if self.buckets else torch.device("cpu")
-        specs: list[tuple[tuple[int, ...], str]] = [(tuple(range(self.groups.world_size)), "control")]
+        everyone = tuple(range(self.groups.world_size))
+        slots: list[list[tuple[tuple[int, ...], str]]] = [[(everyone, "control")]]
         for groups in self.schedule.rounds:
+            data: list[tuple[tuple[int, ...], str]] = []
+            back: list[tuple[tuple[int, ...], str]] = []
+            control: list[tuple[tuple[int, ...], str]] = []
             for g in sorted(groups, key=lambda g: g.ranks):
                 if g.size < 2:
                     continue
                 for wire in (None, self.wire_dtype) if self.wire_dtype is not None else (None,):
                     if not choose(g, self.groups.backend, device, wire, self.pair_transport).point_to_point:
-                        specs.append((g.ranks, "data"))
+                        data.append((g.ranks, "data"))
                     elif self._two_connections(device):
-                        specs.append((tuple(range(self.groups.world_size)), "data-back"))
+                        back = [(everyone, "data-back")]
                 if g.size > 2 and self.check_rounds:
-                    specs.append((g.ranks, "control"))
-        return list(dict.fromkeys(specs))
+                    control.append((g.ranks, "control"))
+            slots += [list(dict.fromkeys(slot)) for slot in (data, back, control) if slot]
+        return slots
 
     def _two_connections(self, device: torch.device) -> bool:
         """Point to point with each direction on a connection of its own: gloo (NCCL runs a batch both ways)."""
@@ -476,7 +558,12 @@ class Gossip:
 
 
 _ORPHANS: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
-_VERSION = operator.attrgetter("_version")
+# What a rank that ran out of inputs contributes to an announcement (a MAX all-reduce): less than any value.
+_SILENT = -(1 << 62)
+
+
+def _layout(tensors: list[torch.Tensor]) -> list[tuple[str, int]]:
+    return [(str(t.dtype), t.numel()) for t in tensors]
 
 
 def prune_orphans() -> None:

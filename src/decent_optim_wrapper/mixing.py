@@ -14,6 +14,16 @@ A round puts rank ``i`` in a group ``G`` of ``k`` ranks with self-weight ``w`` a
 With uniform weights both forms give the same bits for a pair (``0.5*x + 0.5*y``: the scalings are exact and
 the addition commutes), so a pair may travel either way.
 
+**What was sent, and what changed since.** A round sends a snapshot ``s`` of ``x`` taken at launch, and the
+parameters may be written before the round is applied (weight clipping through ``p.data``, an EMA written
+back, a ``no_grad`` update). :func:`pair_mix_sent_` and :func:`group_mix_sent_` apply
+
+    x <- mix(s, peers) + (x - s)
+
+the round's result computed from the values that were sent, plus whatever changed ``x`` since. Where nothing
+changed, ``x - s`` is exactly zero and the result has the bits of ``mix(x, peers)``; a write survives as it
+was made, and the peers mixed with the values they were sent, never with a torn mixture.
+
 **Compressed** (the values travel rounded to a wire dtype, ``q_j = Q(x_j)``): the naive
 ``x_i <- w*x_i + c*sum q_j`` moves the global mean by the rounding errors and cannot move ``x_i`` by less than
 half a wire ulp. The symmetric correction
@@ -34,8 +44,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["pair_mix_", "scale_for_sum", "group_mix_", "quantize", "compressed_pair_mix_", "compressed_mix_",
-           "COMPRESSED_CHUNK", "COMPRESSED_CHUNK_CUDA"]
+__all__ = ["pair_mix_", "scale_for_sum", "group_mix_", "pair_mix_sent_", "group_mix_sent_", "quantize",
+           "compressed_pair_mix_", "compressed_mix_", "COMPRESSED_CHUNK", "COMPRESSED_CHUNK_CUDA"]
 
 # Elements per chunk of the compressed mix, which bounds its scratch whatever the bucket size (a bucket-sized
 # temporary every round costs memory on the GPU). On the CPU the chunk is small enough that the scratch stays
@@ -73,9 +83,49 @@ def group_mix_(x: torch.Tensor, summed: torch.Tensor, self_weight: float, peer_w
 
 
 @torch.no_grad()
+def pair_mix_sent_(x: torch.Tensor, sent: torch.Tensor, peer: torch.Tensor, self_weight: float) -> torch.Tensor:
+    """``x <- (self_weight * sent + (1 - self_weight) * peer) + (x - sent)``, in place; ``sent`` is overwritten.
+
+    ``sent`` is what this rank sent, ``peer`` what it received. Where ``x`` still equals ``sent`` the result has
+    the bits of :func:`pair_mix_` (the mix runs on ``sent`` with the same operations, then adds an exact zero).
+    """
+    x.sub_(sent)
+    pair_mix_(sent, peer, self_weight)
+    return x.add_(sent)
+
+
+@torch.no_grad()
+def group_mix_sent_(x: torch.Tensor, sent: torch.Tensor, summed: torch.Tensor, self_weight: float,
+                    peer_weight: float) -> torch.Tensor:
+    """``x <- group_mix(sent, summed) + (x - sent)``, in place (``sent`` may be overwritten); ``summed`` is the
+    all-reduced ``peer_weight * sent_j``. Where ``x`` still equals ``sent``: the bits of :func:`group_mix_`."""
+    x.sub_(sent)
+    if self_weight == peer_weight:  # the sum is the mix itself: no copy into sent first
+        return x.add_(summed)
+    return x.add_(group_mix_(sent, summed, self_weight, peer_weight))
+
+
+@torch.no_grad()
 def quantize(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out <- Q(x)``: ``x`` rounded to nearest in ``out``'s dtype (the wire dtype)."""
-    return out.copy_(x)
+    """``out <- Q(x)``: ``x`` rounded to nearest in ``out``'s dtype (the wire dtype), saturated to its finite range.
+
+    A value beyond the wire dtype's range (float16 ends at 65504) travels as its largest finite value instead of
+    as inf: an inf on both sides of a difference would turn the correction, and so the parameter, into NaN. The
+    correction stays mean-exact; such a value only mixes as if it were that large.
+    """
+    out.copy_(x)
+    top = torch.finfo(out.dtype).max
+    if torch.finfo(x.dtype).max > top and (x.device.type != "cpu" or _beyond(x, top)):
+        out.clamp_(-top, top)  # on the GPU unconditionally: testing first would make the host wait for it
+    return out
+
+
+def _beyond(x: torch.Tensor, top: float) -> bool:
+    """Whether ``x`` (on the CPU) holds a value beyond ``+-top``: one read, cheaper than clamping every round."""
+    if x.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(x)
+    return bool(hi > top or lo < -top)
 
 
 def _chunk(x: torch.Tensor) -> int:

@@ -8,14 +8,22 @@ complete. The arithmetic lives in :mod:`~decent_optim_wrapper.mixing`.
 =======================  ==================================================================  ========================
 transport                what travels                                                        mixing
 =======================  ==================================================================  ========================
-``P2PPair``              a pair swaps its buckets point to point (sent as they are, nothing  ``pair_mix_``
-                         to prepare; the peer's lands in a buffer); on gloo each direction
-                         on a connection of its own
-``AllReduceSum``         ``c*x`` summed over the group by an all-reduce (any group size)     ``group_mix_``
+``P2PPair``              a pair swaps snapshots of its buckets point to point (the peer's    ``pair_mix_sent_``
+                         lands in a buffer); on gloo each direction on a connection of its
+                         own
+``AllReduceSum``         ``c*s`` of a snapshot ``s`` summed over the group by an all-reduce  ``group_mix_sent_``
+                         (any group size)
 ``P2PPairCompressed``    a pair swaps its buckets rounded to the wire dtype                  ``compressed_pair_mix_``
 ``AllGatherCompressed``  every member's rounded bucket gathered on every member (the sum is  ``compressed_mix_``
                          then formed exactly, identically on every member)
 =======================  ==================================================================  ========================
+
+**What was sent.** Every transport sends a copy made at launch, never the parameters themselves: the full-precision
+ones a snapshot (buffer slot 1), the compressed ones the rounded values (slot 0). So a parameter written
+between two steps (through ``p.data`` too, which no version counter sees) can neither reach a peer torn nor be
+overwritten by the round: each mix applies the round's result computed from what was sent, plus what changed
+since (see :mod:`~decent_optim_wrapper.mixing`). :meth:`Transport.sent` gives those copies, so that a
+checkpoint can resume a round in flight with the very values it sent.
 
 **Pieces.** On the CPU, pairs move a bucket in pieces of :data:`PIECE` elements, so that the round streams:
 the first piece's mix runs while the next ones are still arriving, and (compressed) a piece is rounded while
@@ -34,11 +42,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .mixing import compressed_mix_, compressed_pair_mix_, group_mix_, pair_mix_, quantize, scale_for_sum
+from .mixing import compressed_mix_, compressed_pair_mix_, group_mix_sent_, pair_mix_sent_, quantize, scale_for_sum
 from .topo import Group
 
 __all__ = ["Transport", "Piece", "PIECE", "P2PPair", "AllReduceSum", "P2PPairCompressed", "AllGatherCompressed",
@@ -85,7 +94,7 @@ class Transport(ABC):
     """
 
     point_to_point = False  # True: addresses the peer by global rank on the gossip world's group
-    sends_buckets = False  # True: sends the buckets themselves (no copy), so they must not change in flight
+    sent_slot = 1  # the buffer slot that holds what this rank sent (the snapshot, or its rounded values)
 
     def __init__(self, group: Group, rank: int, pg: dist.ProcessGroup | None, peer: int | None = None,
                  tag: int = 0, wire_dtype: torch.dtype | None = None, pg_back: dist.ProcessGroup | None = None) -> None:
@@ -93,9 +102,22 @@ class Transport(ABC):
         self.pg_back = pg_back
 
     @abstractmethod
-    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0) -> list[Piece]:
-        """Prepare and start the communication for buckets ``flats`` (``ids``: their indices for ``buffer``);
-        point-to-point messages take tags from :attr:`tag` ``+ tag`` on, one per piece."""
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0,
+               resend: bool = False) -> list[Piece]:
+        """Copy what is sent out of buckets ``flats`` (``ids``: their indices for ``buffer``) and start the
+        communication; point-to-point messages take tags from :attr:`tag` ``+ tag`` on, one per piece.
+
+        ``resend=True``: the buffers of :meth:`sent` already hold what to send (a round resumed from a
+        checkpoint), so nothing is copied from the buckets.
+        """
+
+    def sent(self, ids: list[int], buffer: BufferFn, flats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What this rank sent for each bucket (its buffer of :attr:`sent_slot`)."""
+        return [buffer(i, self.sent_slot, self.wire_dtype or f.dtype) for f, i in zip(flats, ids)]
+
+    def snapshot(self, flat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out <-`` what a launch now would send of ``flat`` (a copy, or its rounded values)."""
+        return out.copy_(flat) if self.wire_dtype is None else quantize(flat, out)
 
     @abstractmethod
     def bytes_sent(self, flats: list[torch.Tensor]) -> int:
@@ -133,31 +155,39 @@ class Transport(ABC):
 
 
 class P2PPair(Transport):
-    """A pair swaps its buckets point to point; the bucket is sent as it is, with no copy (nothing may write
-    it before the next step waits for the send: :class:`~decent_optim_wrapper.gossip.Gossip` checks)."""
+    """A pair swaps snapshots of its buckets point to point (slot 1: this rank's, slot 0: the peer's); each piece
+    is copied just before it is sent, so copying the next overlaps sending this one."""
 
     point_to_point = True
-    sends_buckets = True
 
-    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0) -> list[Piece]:
-        parts = [(flat[a:b], buffer(i, 0, flat.dtype)[a:b]) for flat, i in zip(flats, ids)
-                 for a, b in spans(flat)]
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0,
+               resend: bool = False) -> list[Piece]:
+        parts = [(flat[a:b], buffer(i, 1, flat.dtype)[a:b], buffer(i, 0, flat.dtype)[a:b])
+                 for flat, i in zip(flats, ids) for a, b in spans(flat)]
+        prepare = (lambda j: parts[j][1].copy_(parts[j][0])) if not resend else None
+        works = self._exchange([(sent, peer) for _, sent, peer in parts], tag, prepare)
         w = self.group.self_weight
-        return [Piece(works, partial(pair_mix_, x, y, w)) for (x, y), works in zip(parts, self._exchange(parts, tag))]
+        return [Piece(ws, partial(pair_mix_sent_, x, sent, peer, w)) for (x, sent, peer), ws in zip(parts, works)]
 
     def bytes_sent(self, flats: list[torch.Tensor]) -> int:
         return sum(f.numel() * f.element_size() for f in flats)
 
 
 class AllReduceSum(Transport):
-    """``c*x`` summed over the group by an all-reduce (any group size; a pair over a 2-member group)."""
+    """``c*s`` of a snapshot ``s`` summed over the group by an all-reduce (any group size; a pair over a
+    2-member group). Slot 1 keeps ``s``, slot 0 is the all-reduced buffer."""
 
-    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0) -> list[Piece]:
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0,
+               resend: bool = False) -> list[Piece]:
         pieces = []
+        g = self.group
         for flat, i in zip(flats, ids):
-            buf = scale_for_sum(flat, self.group.peer_weight, buffer(i, 0, flat.dtype))
+            sent = buffer(i, 1, flat.dtype)
+            if not resend:
+                sent.copy_(flat)
+            buf = scale_for_sum(sent, g.peer_weight, buffer(i, 0, flat.dtype))
             work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.pg, async_op=True)
-            pieces.append(Piece([work], partial(group_mix_, flat, buf, self.group.self_weight, self.group.peer_weight)))
+            pieces.append(Piece([work], partial(group_mix_sent_, flat, sent, buf, g.self_weight, g.peer_weight)))
         return pieces
 
     def bytes_sent(self, flats: list[torch.Tensor]) -> int:
@@ -169,14 +199,16 @@ class P2PPairCompressed(Transport):
     """A pair swaps its buckets rounded to the wire dtype (slot 0: this rank's, slot 1: the peer's)."""
 
     point_to_point = True
+    sent_slot = 0
 
-    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0) -> list[Piece]:
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0,
+               resend: bool = False) -> list[Piece]:
         wire = self.wire_dtype
         assert wire is not None  # set by Gossip for every compressed transport
         parts = [(flat[a:b], buffer(i, 0, wire)[a:b], buffer(i, 1, wire)[a:b]) for flat, i in zip(flats, ids)
                  for a, b in spans(flat)]
-        works = self._exchange([(mine, theirs) for _, mine, theirs in parts], tag,
-                               lambda j: quantize(parts[j][0], parts[j][1]))
+        prepare = (lambda j: quantize(parts[j][0], parts[j][1])) if not resend else None
+        works = self._exchange([(mine, theirs) for _, mine, theirs in parts], tag, prepare)
         c = self.group.peer_weight
         return [Piece(w, partial(compressed_pair_mix_, x, mine, theirs, c))
                 for (x, mine, theirs), w in zip(parts, works)]
@@ -189,14 +221,20 @@ class P2PPairCompressed(Transport):
 class AllGatherCompressed(Transport):
     """Every member's bucket, rounded to the wire dtype, gathered on every member (slot j: member j's)."""
 
-    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0) -> list[Piece]:
+    def __init__(self, group: Group, rank: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(group, rank, *args, **kwargs)
+        self.sent_slot = group.ranks.index(rank)
+
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0,
+               resend: bool = False) -> list[Piece]:
         wire = self.wire_dtype
         assert wire is not None
-        me = self.group.ranks.index(self.rank)
+        me = self.sent_slot
         pieces = []
         for flat, i in zip(flats, ids):
             slots = [buffer(i, j, wire) for j in range(self.group.size)]
-            quantize(flat, slots[me])
+            if not resend:
+                quantize(flat, slots[me])
             work = dist.all_gather(slots, slots[me], group=self.pg, async_op=True)
             pieces.append(Piece([work], partial(compressed_mix_, flat, slots[me], slots, self.group.peer_weight)))
         return pieces

@@ -13,11 +13,12 @@ from typing import Any, overload
 import torch
 import torch.distributed as dist
 from loguru import logger
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.optim import Optimizer
 
 from .buckets import Bucket, build_buckets, check_bucket_cap, check_params, check_views, describe_params
-from .comm import Checks, ProcessGroups, agree, as_timeout, digest32, global_rank
-from .gossip import CommStats, Gossip, next_instance
+from .comm import Checks, Failure, GossipError, ProcessGroups, agree, as_timeout, digest32, global_rank
+from .gossip import CommStats, Gossip, Shadow, next_instance
 from .reinit import build_lr_scheduler, build_optimizer, validate_lr_scheduler_config
 from .topo import Schedule, Topology, TopologyFactory
 from .transport import PAIR_TRANSPORTS
@@ -27,12 +28,15 @@ __all__ = ["DecentOptimWrapper"]
 _STATE_KEY = "decent_optim_wrapper"
 
 
-class DecentOptimWrapper(Optimizer):
+class DecentOptimWrapper(Optimizer, Joinable):
     """Wrap ``optimizer`` so that every :meth:`step` also averages parameters with topology neighbours.
 
     ``step()`` waits for the averaging launched by the previous step and writes it into the parameters,
     runs the inner optimizer's step, then launches non-blocking averaging over this round's group, so the
     communication overlaps the next forward and backward (D-PSGD: ``y <- W_t y - lr * update``).
+
+    Uneven inputs: inside ``torch.distributed.algorithms.Join([optimizer])`` a rank that ran out of data stands
+    in for the others' rounds (and their ``global_avg``) until every rank is done.
 
     Args:
         optimizer: the optimizer to wrap; its parameters become views into flat buckets.
@@ -45,8 +49,8 @@ class DecentOptimWrapper(Optimizer):
             subclass or instance.
         bucket_cap_mb: largest bucket, in MiB; one set of buckets per (device, dtype).
         timeout: seconds (or a ``timedelta``) a step may wait for its peers before raising
-            :class:`~decent_optim_wrapper.comm.GossipError` (a dead, hung or out-of-step peer); default the
-            process group's timeout. Millisecond resolution.
+            :class:`~decent_optim_wrapper.comm.GossipError` (a dead, hung or out-of-step peer); default
+            :data:`~decent_optim_wrapper.comm.DEFAULT_TIMEOUT`, 5 minutes. Millisecond resolution.
         check_rounds: exchange a stamp with every round (a few integers on a gloo control group, never on
             the GPU) so that ranks out of step, a dead peer or a peer that failed raise ``GossipError``
             instead of averaging with the wrong round or waiting forever.
@@ -58,9 +62,10 @@ class DecentOptimWrapper(Optimizer):
             mix keeps the global mean exact (see :mod:`~decent_optim_wrapper.mixing`).
         pair_transport: how full-precision pairs travel: ``"auto"`` (the backend's fastest, see
             :func:`~decent_optim_wrapper.transport.choose`), ``"p2p"`` or ``"allreduce"``.
-        check_finite: after each local update, check that the parameters are finite and, if not, raise on
-            this rank and make its peers raise a ``GossipError`` that names it, before the values spread
-            (costs a reduction and, on CUDA, a host synchronisation per step).
+        check_finite: after each mix and each local update, check that the parameters are finite and, if not,
+            raise on this rank, naming which of the two produced them, and make its peers raise a
+            ``GossipError`` that names it, before the values spread (costs two reductions and, on CUDA, two host
+            synchronisations per step).
     """
 
     def __init__(
@@ -80,6 +85,8 @@ class DecentOptimWrapper(Optimizer):
         check_finite: bool = False,
     ) -> None:
         self._init_optimizer_hooks()
+        Joinable.__init__(self)  # the Join configuration: off outside a Join
+        self._join_work: dist.Work | None = None
         self._rank, self._world_size, error = _resolve_rank_and_world_size(rank, world_size, process_group)
         self._pg = process_group
         # Every argument is checked before the first collective; a problem on one rank is shared with all
@@ -253,22 +260,29 @@ class DecentOptimWrapper(Optimizer):
         if gossip.drop_held():
             logger.debug("rank {}: step() after global_avg() without revert; training goes on from the average",
                          self._rank)
+        self._announce(Shadow.STEP)
         self._thaw_buckets()
         self._check_views()
         gossip.apply()
+        if self._check_finite:
+            self._check_parameters_finite(f"mixing in the averaging of round {gossip.round - 1}")
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step(wrapper)
         if found_inf is None:
             loss = self._optimizer.step() if closure is None else self._optimizer.step(closure)
         else:
             loss = self._amp_inner_step(getattr(self, "grad_scale", None), found_inf)
         if self._check_finite:
-            self._check_parameters_finite()
+            self._check_parameters_finite(f"the local update of round {gossip.round}")
+        self._launch()
+        return loss
+
+    def _launch(self) -> None:
+        """Launch this round's averaging (after the inner optimizer's ``pre_average_hook``, if it has one)."""
         hook = getattr(self._optimizer, "pre_average_hook", None)
         if callable(hook):
-            group = self._schedule.group(self._rank, gossip.round)
+            group = self._schedule.group(self._rank, self._gossip.round)
             hook(group, group.self_weight)
-        gossip.launch()
-        return loss
+        self._gossip.launch()
 
     def finish(self) -> None:
         """Apply the averaging in flight now (blocking), so that nothing is left to send or receive.
@@ -286,7 +300,7 @@ class DecentOptimWrapper(Optimizer):
         broken = check_views(self._buckets)
         if broken is None:
             return
-        self._gossip.fail(1)
+        self._gossip.fail(Failure.LEFT_BUCKET)
         bi, pi = broken
         p = self._buckets[bi].params[pi]
         where = next(f"param_groups[{g}]['params'][{i}]" for g, group in enumerate(self._optimizer.param_groups)
@@ -299,13 +313,13 @@ class DecentOptimWrapper(Optimizer):
         )
 
     @torch.no_grad()
-    def _check_parameters_finite(self) -> None:
+    def _check_parameters_finite(self, after: str) -> None:
         flats = [b.flat for b in self._buckets if not b.frozen]
         if not flats or all(bool(torch.isfinite(f).all()) for f in flats):
             return
-        self._gossip.fail(2)
-        raise FloatingPointError(f"rank {self._rank}: non-finite (inf/NaN) parameters after the local update of "
-                                 f"round {self._gossip.round - 1}; stopped before they reach the peers.")
+        self._gossip.fail(Failure.NON_FINITE)
+        raise FloatingPointError(f"rank {self._rank}: non-finite (inf/NaN) parameters after {after}; stopped before "
+                                 "they reach the peers.")
 
     @torch.no_grad()
     def _amp_inner_step(self, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | int) -> None:
@@ -414,20 +428,25 @@ class DecentOptimWrapper(Optimizer):
 
     # ------------------------------------------------------------------ global averaging and metrics
     @torch.no_grad()
-    def global_avg(self, may_revert: bool = True, module: torch.nn.Module | None = None) -> None:
+    def global_avg(self, may_revert: bool = True, module: torch.nn.Module | None = None, *,
+                   will_revert: bool | None = None) -> None:
         """Replace every worker's parameters by the mean over all workers (for evaluation or export).
 
         The averaging in flight is set aside, not applied. With ``may_revert=True`` the parameters and that
         averaging are kept until :meth:`revert_global_avg`, after which training continues exactly as if
         this call never happened; the next :meth:`step` without a revert drops them. With ``module``, its
         floating-point buffers (BatchNorm statistics, say) are averaged (and restored) too.
+        ``will_revert`` is a deprecated alias of ``may_revert``.
         """
+        may_revert = _revert_flag(may_revert, will_revert)
+        self._announce(Shadow.GLOBAL_AVG, int(may_revert) | (2 if module is not None else 0))
         self._check_views()
         buffers = [t for t in module.buffers() if t.is_floating_point()] if module is not None else []
         self._gossip.average_globally(buffers, may_revert)
 
     def revert_global_avg(self) -> None:
         """Undo :meth:`global_avg`: restore the parameters (and buffers) and the averaging in flight."""
+        self._announce(Shadow.REVERT)
         self._gossip.revert()
 
     @torch.no_grad()
@@ -437,6 +456,10 @@ class DecentOptimWrapper(Optimizer):
         Measures how far the workers are from agreement (0 after ``global_avg``). Uses the parameters as they
         are now (the averaging in flight is not applied) and a temporary copy of them.
         """
+        self._announce(Shadow.CONSENSUS)
+        return self._consensus_distance()
+
+    def _consensus_distance(self) -> float:
         if self._world_size == 1 or not self._buckets:
             return 0.0
         means = [b.flat.clone() for b in self._buckets]
@@ -464,6 +487,7 @@ class DecentOptimWrapper(Optimizer):
             work = pre(work)
         keys = sorted(work)
         values = [float(torch.as_tensor(work[k], dtype=torch.float64)) for k in keys]
+        self._announce(Shadow.METRICS)
         if self._world_size > 1:
             self._gossip.agree_global("reduce_metrics", keys)
             values = self._gossip.control_sum(values)
@@ -471,6 +495,73 @@ class DecentOptimWrapper(Optimizer):
         if callable(pre) and callable(post):
             return post(out)
         return {k: v / self._world_size for k, v in out.items()}
+
+    # ------------------------------------------------------------------ uneven inputs (torch's Join)
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        """What this rank does inside ``Join([optimizer])`` once it has run out of inputs: until every rank has,
+        it stands in for what the ranks still training do (a round with its parameters as they are, with no
+        local update; ``global_avg``, ``revert_global_avg``, ``consensus_distance``). ``Join(..., module=model)``
+        names the module whose buffers a shadowed ``global_avg(module=...)`` averages."""
+        return _ShadowHook(self, kwargs.get("module"))
+
+    @property
+    def join_device(self) -> torch.device:
+        return torch.device("cpu")  # Join counts the ranks still training on the gloo control plane
+
+    @property
+    def join_process_group(self) -> Any:
+        groups = self._gossip.groups
+        return groups.control() if groups is not None else self._pg
+
+    def _announce(self, op: Shadow, arg: int = 0) -> None:
+        """Inside a Join: count this rank as still training and tell the ranks that ran out what it does next."""
+        if self._join_config.enable:
+            self._join_work = Join.notify_join_context(self) or self._join_work  # kept until it has completed
+            self._gossip.announce(op, arg)
+
+    def _shadow(self, module: torch.nn.Module | None) -> None:
+        """One operation of the ranks still training, stood in for by a rank that ran out of inputs."""
+        op, arg = self._hear()
+        self._shadow_op(op, arg, module)
+
+    def _hear(self) -> tuple[Shadow, int]:
+        """What the ranks still training announced, checked to be meant for this optimizer at its round."""
+        gossip = self._gossip
+        op, round_, arg, instance = gossip.hear()
+        if instance != gossip.instance:
+            raise GossipError(f"rank {self._rank}: inside a Join, the ranks still training used another optimizer "
+                              "than the one this rank stands in for next: list every optimizer the loop steps in "
+                              "Join([...]), in the order the loop steps them.")
+        if round_ != gossip.round:
+            raise GossipError(f"rank {self._rank}: inside a Join, the ranks still training are at round {round_}, "
+                              f"this rank at round {gossip.round}.")
+        return Shadow(op), arg
+
+    def _shadow_op(self, op: Shadow, arg: int, module: torch.nn.Module | None) -> None:
+        gossip = self._gossip
+        if op == Shadow.STEP:  # the round, with the parameters as they are: no gradient, no local update
+            self._check_views()
+            gossip.apply()
+            self._launch()
+        elif op == Shadow.GLOBAL_AVG:
+            if arg & 2 and module is None:
+                self._cannot_shadow("global_avg", "; for global_avg(module=...), give the module to the Join: "
+                                                  "Join([optimizer], module=model).")
+            buffers = [t for t in module.buffers() if t.is_floating_point()] if arg & 2 and module else []
+            gossip.average_globally(buffers, bool(arg & 1))
+        elif op == Shadow.REVERT:
+            gossip.revert()
+        elif op == Shadow.CONSENSUS:
+            self._consensus_distance()
+        else:
+            self._cannot_shadow("reduce_metrics", ".")
+
+    def _cannot_shadow(self, what: str, advice: str) -> None:
+        try:  # a failed stamp, so that the ranks still training raise at once rather than time out
+            self._gossip.agree_global(what, None, failed=Failure.CANNOT_SHADOW)
+        except GossipError:
+            pass
+        raise GossipError(f"rank {self._rank}: {Failure.CANNOT_SHADOW.reason}{advice}")
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -538,6 +629,34 @@ class DecentOptimWrapper(Optimizer):
                     or [(t.shape, t.dtype) for t in saved] != layout:
                 raise ValueError(f"Invalid {where}['buckets']: they differ from this wrapper's parameter buckets "
                                  "(another model, parameter order or bucket_cap_mb).")
+        sent = own.get("sent")
+        if sent is not None:
+            wire = self._gossip.wire_dtype
+            if not isinstance(sent, dict) or not all(
+                    isinstance(i, int) and 0 <= i < len(self._buckets) and isinstance(t, torch.Tensor)
+                    and t.shape == self._buckets[i].flat.shape and t.dtype in (self._buckets[i].flat.dtype, wire)
+                    for i, t in sent.items()):
+                raise ValueError(f"Invalid {where}['sent']: must map bucket indices to what the round in flight sent "
+                                 "of them, as state_dict() wrote it (same buckets, same wire_dtype).")
+
+
+class _ShadowHook(JoinHook):
+    """The Join hook of a :class:`DecentOptimWrapper` (see :meth:`DecentOptimWrapper.join_hook`)."""
+
+    def __init__(self, wrapper: DecentOptimWrapper, module: torch.nn.Module | None) -> None:
+        self.wrapper, self.module = wrapper, module
+
+    def main_hook(self) -> None:
+        self.wrapper._shadow(self.module)
+
+
+def _revert_flag(may_revert: bool, will_revert: bool | None) -> bool:
+    """``may_revert``, or the value of its deprecated alias ``will_revert`` (Decent-DP's name)."""
+    if will_revert is None:
+        return may_revert
+    warnings.warn("global_avg(will_revert=...) is deprecated: the argument is called may_revert.", DeprecationWarning,
+                  stacklevel=3)
+    return will_revert
 
 
 _NO_COPY = ("DecentOptimWrapper cannot be copied or pickled: it holds process groups and communication in flight. "

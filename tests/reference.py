@@ -1,0 +1,78 @@
+"""An independent reference of the gossip arithmetic, written from its definition (README, "How it works" and
+"Compressed gossip"), simulated for every rank in one process in float64. It shares no code with the package:
+tests compare the package's ranks with it.
+
+A round gives rank ``i`` a group ``G`` of ``k`` ranks with self-weight ``w`` (uniform: ``1/k``) and peer weight
+``c = (1 - w) / (k - 1)``. From the values ``s`` each member sent at launch:
+
+* full precision: ``w * s_i + c * sum_{j != i} s_j``;
+* rounded to a wire dtype ``Q``: ``s_i + c * sum_{j != i} (Q(s_j) - Q(s_i))``;
+
+and what changed ``x_i`` since it was sent is added: ``result + (x_i - s_i)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# A group as the reference takes it: its ranks and its self-weight (None: uniform).
+RefGroup = tuple[Sequence[int], float | None]
+
+
+def groups_of(rounds: Sequence[Sequence[object]]) -> list[list[RefGroup]]:
+    """``Schedule.rounds`` (or lists of rank tuples) as the reference's groups."""
+    out = []
+    for rnd in rounds:
+        groups: list[RefGroup] = []
+        for g in rnd:
+            ranks = getattr(g, "ranks", g)
+            groups.append((tuple(ranks), getattr(g, "weight", None)))  # type: ignore[arg-type]
+        out.append(groups)
+    return out
+
+
+def saturate(x: torch.Tensor, wire: torch.dtype) -> torch.Tensor:
+    """``Q``: round to nearest in ``wire``, values beyond its range at its largest finite value; in float64."""
+    top = torch.finfo(wire).max
+    return x.float().to(wire).double().nan_to_num(posinf=top, neginf=-top)
+
+
+def mix_round(groups: Sequence[RefGroup], sent: list[torch.Tensor], current: list[torch.Tensor],
+              wire: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Every rank's values after one round (ranks in no group keep theirs)."""
+    out = [x.clone() for x in current]
+    for ranks, weight in groups:
+        k = len(ranks)
+        if k == 1:
+            continue
+        w = 1.0 / k if weight is None else weight
+        c = (1.0 - w) / (k - 1)
+        q = {j: saturate(sent[j], wire) for j in ranks} if wire is not None else {}
+        for i in ranks:
+            if wire is None:
+                result = w * sent[i] + c * sum(sent[j] for j in ranks if j != i)
+            else:
+                result = sent[i] + c * sum(q[j] - q[i] for j in ranks if j != i)
+            out[i] = result + (current[i] - sent[i])
+    return out
+
+
+def train(rounds: list[list[RefGroup]], start: list[torch.Tensor], steps: int, update, wire: torch.dtype | None = None,
+          after_step=None) -> list[torch.Tensor]:
+    """D-PSGD as ``DecentOptimWrapper`` runs it, ``steps`` steps and then ``finish()``: each step applies the
+    previous round, takes the local update ``update(rank, step, x) -> x`` and launches round ``step``;
+    ``after_step(step, xs)`` may change values between steps (a write while the round is in flight)."""
+    x = [t.double().clone() for t in start]
+    sent: list[torch.Tensor] | None = None
+    for t in range(steps + 1):  # the last pass is finish(): apply only
+        if sent is not None:
+            x = mix_round(rounds[(t - 1) % len(rounds)], sent, x, wire)
+        if t == steps:
+            break
+        x = [update(r, t, xi) for r, xi in enumerate(x)]
+        sent = [xi.clone() for xi in x]
+        if after_step is not None:
+            x = after_step(t, x)
+    return x
