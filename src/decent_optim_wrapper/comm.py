@@ -168,6 +168,15 @@ class StampExchange:
         return None
 
 
+# What each kind of group is for, as the debug log says it (the kinds are internal names).
+_GROUP_PURPOSE = {
+    "data": "the process group in which ranks {} average their parameters",
+    "data-back": "a second process group of ranks {}, so that the two directions of a point-to-point pair travel "
+                 "on connections of their own",
+    "control": "the gloo process group in which ranks {} exchange round stamps (what each is doing, which round)",
+}
+
+
 class ProcessGroups:
     """The process groups of one gossip world (``parent``: the default group, or the user's subgroup).
 
@@ -221,7 +230,7 @@ class ProcessGroups:
         backend = "gloo" if kind == "control" else self.backend
         key = (dist.distributed_c10d._get_default_group(), global_ranks, kind, backend)
         if key not in self._cache:
-            logger.debug("rank {}: creating {} process group {}", dist.get_rank(), kind, list(global_ranks))
+            logger.debug("rank {}: creating {}", dist.get_rank(), _GROUP_PURPOSE[kind].format(list(global_ranks)))
             # Only the members rendezvous (no O(world size) connection set-up on every rank); a non-member
             # gets torch's marker and keeps it, so that it never creates the group a second time.
             everyone = len(global_ranks) == dist.get_world_size()
