@@ -31,17 +31,25 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch import LightningModule
-from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import GradClipAlgorithmType
+
+try:
+    from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+    from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.fabric.utilities.types import _PATH
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.accelerators import Accelerator
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+    from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+except ModuleNotFoundError as exc:
+    if (exc.name or "").split(".")[0] != "lightning":  # Lightning is there but broken: its own error says more
+        raise
+    raise ImportError('decent_optim_wrapper.lightning needs Lightning, an optional dependency: install the '
+                      '"lightning" extra (pip install "decent-optim-wrapper[lightning]"; in a checkout: uv sync '
+                      '--extra lightning) or lightning>=2.6 itself') from exc
 from loguru import logger
 from torch.optim import Optimizer
 
