@@ -1,7 +1,8 @@
 """PyTorch Lightning strategy for decentralized (gossip) training: ``Trainer(strategy=DecentralizedStrategy())``.
 
-Install with the ``lightning`` extra (``uv add "decent-optim-wrapper[lightning]"``); the core package never
-imports Lightning. Importing this module registers the strategy as ``"decentralized"``.
+Needs Lightning: the ``lightning`` extra (README.md, Install), or ``lightning>=2.6`` installed beside the
+package; the core package never imports Lightning. Importing this module registers the strategy as
+``"decentralized"``.
 
 How it differs from Lightning's ``DDPStrategy``, which it extends (launchers, cluster environments, process
 group setup and the collectives ``reduce`` / ``barrier`` / ``broadcast`` / ``reduce_boolean_decision`` are
