@@ -277,7 +277,11 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Needs root: it creates network namespaces, veth pairs and tc qdiscs (CAP_NET_ADMIN, CAP_SYS_ADMIN). "
+               "Run it as  sudo env PATH=\"$PATH\" uv run python benchmarks/cluster_compare.py ...  Without root, "
+               "benchmarks/train_compare.py runs the comparison over loopback, with no link shaping.")
     parser.add_argument("--hosts", type=int, default=4, help="network namespaces (machines)")
     parser.add_argument("--procs-per-host", type=int, default=1, help="ranks per host, sharing its link")
     parser.add_argument("--rate", default="1gbit", help="each host link, each direction: 1gbit, 100mbit, ...")

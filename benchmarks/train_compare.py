@@ -16,8 +16,9 @@ download), each worker on its own shard, with AdamW and these ways of keeping th
 It launches the workers itself (gloo on CPU; NCCL when every worker can have its own GPU) and writes, under
 --out: summary.json, summary.csv, curves.csv and loss.png / consensus.png. The table it prints gives, for
 each method: test accuracy of the globally averaged model and of worker 0's own model, final training loss,
-consensus distance sqrt(mean_i ||x_i - mean x||^2), time per iteration, bytes each worker sends per step
-and peak memory (RSS) per worker.
+consensus distance sqrt(mean_i ||x_i - mean x||^2), time per iteration and the part of it spent in
+``step()``, bytes each worker sends per step and peak memory (RSS) per worker; a legend under it says what
+each column means.
 """
 
 from __future__ import annotations
@@ -199,6 +200,19 @@ def summarise(method: str, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# Printed under the table: what each column is (the step column is easily misread as the wrapper's overhead).
+LEGEND = """\
+acc(avg): test accuracy of the global average of the workers' models; acc(w0): of worker 0's own model.
+loss: training loss, mean over workers of the last 10% of steps; consensus: sqrt(mean_i ||x_i - mean x||^2).
+iter ms: one iteration (zero_grad, forward, backward, step), median over steps after the first 10%, slowest
+worker. step ms: the part of it spent in step(). For the gossip methods that is mostly waiting for the
+previous round's exchange and mixing it into the parameters (the communication the forward and backward
+did not hide), then AdamW's update and the next round's launch: not the wrapper's overhead (about 12 us with
+nothing to send, benchmarks/README.md). For ddp it is AdamW's update alone: DDP all-reduces the gradients
+inside backward, so its communication is in iter ms.
+sent/step: bytes each worker sends per step (x model: in model-sizes); peak MiB: peak RSS per worker."""
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = (f"{'method':<18}{'acc(avg)':>9}{'acc(w0)':>9}{'loss':>8}{'consensus':>11}{'iter ms':>9}"
             f"{'step ms':>9}{'sent/step':>11}{'(x model)':>10}{'peak MiB':>10}")
@@ -209,7 +223,27 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{r['final_train_loss']:>8.4f}{r['consensus_distance']:>11.4f}{r['iter_ms']:>9.2f}{r['step_ms']:>9.2f}"
             f"{r['bytes_per_step'] / 1024:>9.1f}KB{r['bytes_per_step_x_model']:>9.2f}x{r['peak_rss_mib']:>10.0f}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + ["", LEGEND])
+
+
+# One look per method, the same in every panel, so that curves lying on top of one another stay
+# distinguishable: a colour, a line style, and markers that each method places at its own offset.
+_LINES = ["-", "--", "-.", ":"]
+_MARKERS = ["o", "s", "^", "v", "D", "x", "P", "*"]
+
+
+def _style(i: int, n_points: int) -> dict[str, Any]:
+    every = max(1, n_points // 8)
+    return {"color": f"C{i % 10}", "linestyle": _LINES[i % len(_LINES)], "marker": _MARKERS[i % len(_MARKERS)],
+            "markersize": 5, "markevery": (i * every // len(_MARKERS) % every, every), "markerfacecolor": "none",
+            "linewidth": 1.3}
+
+
+def _smoothed_loss(per_rank: list[dict[str, Any]]) -> list[float]:
+    """The training loss, mean over workers, moving average over ~2% of the run (for readability)."""
+    mean = [statistics.mean(r["losses"][s] for r in per_rank) for s in range(len(per_rank[0]["losses"]))]
+    k = max(1, len(mean) // 50)
+    return [statistics.mean(mean[max(0, i - k + 1):i + 1]) for i in range(len(mean))]
 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], curves: dict[str, list[dict[str, Any]]],
@@ -233,29 +267,49 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], curves: dict[str, list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for what in ("loss", "consensus"):
-        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-        for method, per_rank in curves.items():
-            if what == "loss":
-                mean = [statistics.mean(r["losses"][s] for r in per_rank) for s in range(len(per_rank[0]["losses"]))]
-                k = max(1, len(mean) // 50)  # moving average over ~2% of the run, for readability
-                smooth = [statistics.mean(mean[max(0, i - k + 1):i + 1]) for i in range(len(mean))]
-                ax.plot(range(len(smooth)), smooth, label=method)
-            else:
-                steps, values = zip(*per_rank[0]["consensus"])
-                ax.plot(steps, values, label=method)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss (mean over workers, smoothed)" if what == "loss" else "consensus distance")
-        if what == "consensus":
-            ax.set_yscale("symlog", linthresh=1e-3)
-        else:
+    title = f"{cfg['workers']} workers, digits MLP, AdamW lr={cfg['lr']}"
+    loss = {method: _smoothed_loss(per_rank) for method, per_rank in curves.items()}
+    style = {method: _style(i, len(values)) for i, (method, values) in enumerate(loss.items())}
+    # The gossip methods' losses nearly coincide on a log scale: below the losses, each method's relative to
+    # DDP's, then each gossip method's relative to their mean, where their differences show.
+    gossip = [m for m in loss if m not in ("ddp", "local")]
+    panels: list[tuple[str, dict[str, list[float]], bool]] = [("training loss (mean over workers, smoothed)", loss,
+                                                               True)]
+    if "ddp" in loss:
+        panels.append(("loss / DDP's loss", {m: [v / d for v, d in zip(loss[m], loss["ddp"])] for m in loss}, True))
+    if len(gossip) > 1:
+        mean = [statistics.mean(vs) for vs in zip(*(loss[m] for m in gossip))]
+        panels.append(("gossip: loss vs their mean, %",
+                       {m: [100.0 * (v / c - 1.0) for v, c in zip(loss[m], mean)] for m in gossip}, False))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 + 2.1 * len(panels)), dpi=120, sharex=True,
+                             squeeze=False, gridspec_kw={"height_ratios": [3] + [2] * (len(panels) - 1)})
+    for ax, (label, series, log) in zip(axes[:, 0], panels):
+        for method, values in series.items():
+            ax.plot(range(len(values)), values, label=method, **style[method])
+        ax.set_ylabel(label, fontsize=9)
+        if log:
             ax.set_yscale("log")
-        ax.set_title(f"{cfg['workers']} workers, digits MLP, AdamW lr={cfg['lr']}")
         ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / f"{what}.png")
-        plt.close(fig)
+    axes[0][0].set_title(title)
+    axes[0][0].legend(ncol=2, fontsize=8)
+    axes[-1][0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for i, (method, per_rank) in enumerate(curves.items()):
+        steps, values = zip(*per_rank[0]["consensus"])
+        ax.plot(steps, values, label=method, **_style(i, len(steps)))
+    ax.set_xlabel("step")
+    ax.set_ylabel("consensus distance")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "consensus.png")
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -50,6 +50,7 @@ def main() -> None:
         if rank == 0 and (epoch % 5 == 4 or epoch == args.epochs - 1):
             print(f"epoch {epoch + 1:3d}  lr {ddp_model.get_lr():.2e}  test acc of the global average {acc:.3f}",
                   flush=True)
+    ddp_model.finish()  # apply every bucket's round in flight before the process group goes away
     dist.destroy_process_group()
 
 

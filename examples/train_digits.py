@@ -79,6 +79,9 @@ def main() -> None:
         if rank == 0 and (epoch % 5 == 4 or epoch == args.epochs - 1):
             print(f"epoch {epoch + 1:3d}  loss {total / (len(perm) // args.batch_size):.4f}  "
                   f"test acc: worker 0 {local_acc:.3f}, global average {avg_acc:.3f}", flush=True)
+    # The last step() leaves a round in flight; a rank that left without applying it could make a peer still
+    # sending to it fail.
+    optimizer.finish()
     dist.destroy_process_group()
 
 

@@ -27,6 +27,13 @@ needs_namespaces = pytest.mark.skipif(not ok, reason=f"cannot create network nam
 COMPARE = [sys.executable, str(ROOT / "benchmarks" / "cluster_compare.py")]
 
 
+def test_help_says_it_needs_root() -> None:
+    out = subprocess.run(COMPARE + ["--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "Needs root: it creates network namespaces, veth pairs and tc qdiscs (CAP_NET_ADMIN, CAP_SYS_ADMIN)" in text
+
+
 def test_repeated_launches_rotate_the_order_and_rows_take_the_median_launch() -> None:
     plan = cluster_compare.launch_order(["a", "b", "c"], 3)
     assert plan == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"), (2, "c"), (2, "a"), (2, "b")]

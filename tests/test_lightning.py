@@ -25,7 +25,7 @@ from lightning_common import BATCH, CLIP, VAL, Net, make_net, reference_run, sha
 
 pytestmark = [
     pytest.mark.skipif(find_spec("lightning") is None or find_spec("finetuning_scheduler") is None,
-                       reason="needs the lightning extra: uv sync (dev group) or the 'fts' extra"),
+                       reason="needs Lightning and Fine-Tuning Scheduler: uv sync --group lightning-dev"),
     pytest.mark.timeout(600),  # the jobs start once, in the first test that needs them
 ]
 

@@ -38,3 +38,6 @@ def test_main_job_runs_every_method_and_writes_its_outputs(tmp_path: Path) -> No
     for png in ("loss.png", "consensus.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "acc(avg)" in proc.stdout and "one-peer-exp" in proc.stdout
+    # the legend under the table says what step ms is: waiting for and mixing a round, not overhead
+    assert "step ms: the part of it spent in step(). For the gossip methods that is mostly waiting for the" \
+        in proc.stdout and "not the wrapper's overhead" in proc.stdout

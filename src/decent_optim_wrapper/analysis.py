@@ -36,7 +36,8 @@ from .transport import (
 )
 
 __all__ = ["TopologyReport", "mixing_matrix", "period_matrix", "bytes_per_step", "analyze", "Network",
-           "predict_gossip", "predict_ddp", "predict_table", "time_round_work", "measure_round_work", "RoundWork"]
+           "predict_gossip", "predict_ddp", "ddp_hidden_fraction", "predict_table", "time_round_work",
+           "measure_round_work", "RoundWork"]
 
 # Below this, a period's product is taken to equal the exact average (float64 round-off of ~log2(n) rounds).
 EXACT_TOL = 1e-9
@@ -287,35 +288,89 @@ def predict_gossip(topology: str, world_size: int, model_bytes: float, compute_s
     return sum(times) / len(times)
 
 
+def _allreduce_time(world_size: int, model_bytes: float, net: Network, local_world_size: int,
+                    wire_bytes: int) -> float:
+    """Seconds of a ring all-reduce of ``model_bytes`` of float32 values sent as ``wire_bytes`` per value."""
+    n = world_size
+    hosts = -(-n // local_world_size)
+    nbytes = model_bytes * wire_bytes / 4.0 * 2.0 * (n - 1) / n
+    bandwidth = net.bandwidth if hosts > 1 else net.intra_bandwidth
+    return _transfer(nbytes, 2 * (n - 1), bandwidth, net.latency if hosts > 1 else 0.0)
+
+
 def predict_ddp(world_size: int, model_bytes: float, compute_s: float, net: Network, local_world_size: int = 1,
                 wire_bytes: int = 4, overlap: float = 0.0) -> float:
     """Predicted seconds per iteration of ``DistributedDataParallel`` (ring all-reduce of the gradients).
 
-    ``overlap``: the fraction of the all-reduce hidden behind backward (DDP overlaps its buckets with the rest
-    of backward; with gloo on busy CPUs little of it, measured near 0 on the emulated cluster; NCCL on GPUs more).
+    ``overlap``: the fraction of the all-reduce hidden behind backward. :func:`ddp_hidden_fraction` gives what DDP's
+    bucketing hides on hardware where communication runs beside the computation (NCCL on GPUs); with gloo on
+    busy CPUs little is hidden (near 0 measured on the emulated cluster, where the default 0 fits).
     """
     n = world_size
     if n == 1:
         return compute_s
-    hosts = -(-n // local_world_size)
     nbytes = model_bytes * wire_bytes / 4.0 * 2.0 * (n - 1) / n
-    bandwidth = net.bandwidth if hosts > 1 else net.intra_bandwidth
-    comm = _transfer(nbytes, 2 * (n - 1), bandwidth, net.latency if hosts > 1 else 0.0)
+    comm = _allreduce_time(n, model_bytes, net, local_world_size, wire_bytes)
     return compute_s + 2.0 * nbytes * net.host_s_per_byte + (1.0 - overlap) * comm
+
+
+# DistributedDataParallel's defaults: gradients are all-reduced in buckets, the first of 1 MiB, the others of
+# bucket_cap_mb=25 MiB, in reverse order of the parameters (about the order backward produces them).
+DDP_FIRST_BUCKET_BYTES = 2**20
+DDP_BUCKET_BYTES = 25 * 2**20
+# Backward does about twice the forward's arithmetic: 2/3 of forward + backward.
+BACKWARD_SHARE = 2.0 / 3.0
+
+
+def ddp_hidden_fraction(world_size: int, model_bytes: float, compute_s: float, net: Network, local_world_size: int = 1,
+                wire_bytes: int = 4, step_s: float = 0.0) -> float:
+    """The fraction of DDP's all-reduce that backward hides, from DDP's bucketing (for :func:`predict_ddp`).
+
+    Backward takes :data:`BACKWARD_SHARE` of ``compute_s - step_s`` and is taken to produce gradients at a
+    steady rate; each bucket's all-reduce starts once its gradients exist and the bucket before it is done.
+    What runs past the end of backward is exposed, at least the last bucket's all-reduce, which starts only
+    then. A model within one bucket (up to 26 MiB) hides little; a large one whose all-reduce is shorter than
+    backward hides nearly all of it. Assumes communication does not slow the computation (NCCL on GPUs).
+    """
+    if world_size == 1 or model_bytes <= 0:
+        return 0.0
+    sizes = [min(model_bytes, DDP_FIRST_BUCKET_BYTES)]
+    while sum(sizes) < model_bytes:
+        sizes.append(min(model_bytes - sum(sizes), DDP_BUCKET_BYTES))
+    backward_s = BACKWARD_SHARE * (compute_s - step_s)
+    produced = end = 0.0
+    for size in sizes:
+        produced += size
+        end = max(end, backward_s * produced / model_bytes) + _allreduce_time(world_size, size, net,
+                                                                                local_world_size, wire_bytes)
+    # Relative to one all-reduce of the whole model, what predict_ddp scales: with many buckets and a high
+    # latency, the buckets' own messages may expose more than that (then 0: DDP is not made slower than without
+    # overlap, which keeps the comparison with gossip conservative).
+    exposed = end - backward_s
+    return min(1.0, max(0.0, 1.0 - exposed / _allreduce_time(world_size, model_bytes, net, local_world_size,
+                                                              wire_bytes)))
 
 
 def predict_table(world_sizes: list[int], model_bytes: float, compute_s: float, net: Network,
                   local_world_size: int = 1, topologies: list[str] | None = None,
-                  ddp_overlap: float = 0.0, step_s: float = 0.0,
+                  ddp_overlap: float | None = None, step_s: float = 0.0,
                   apply_s: float | RoundWork = 0.0) -> list[dict[str, float | int | str]]:
     """Rows ``{"world_size", "method", "iter_s", "vs_ddp"}`` for DDP, DDP + bf16 and each topology (full
-    precision and bf16); ``step_s`` and ``apply_s`` as in :func:`predict_gossip`."""
+    precision and bf16); the DDP rows also give ``"overlap"``, the fraction of the all-reduce hidden:
+    ``ddp_overlap``, or with ``None`` :func:`ddp_hidden_fraction`'s. ``step_s`` and ``apply_s`` as in
+    :func:`predict_gossip`."""
     rows: list[dict[str, float | int | str]] = []
     for n in world_sizes:
-        ddp = predict_ddp(n, model_bytes, compute_s, net, local_world_size, 4, ddp_overlap)
-        ddp16 = predict_ddp(n, model_bytes, compute_s, net, local_world_size, 2, ddp_overlap)
-        rows += [{"world_size": n, "method": "ddp", "iter_s": ddp, "vs_ddp": 1.0},
-                 {"world_size": n, "method": "ddp-bf16", "iter_s": ddp16, "vs_ddp": ddp16 / ddp}]
+        ddp_rows: list[dict[str, float | int | str]] = []
+        for method, wire in (("ddp", 4), ("ddp-bf16", 2)):
+            hidden = ddp_overlap if ddp_overlap is not None else \
+                ddp_hidden_fraction(n, model_bytes, compute_s, net, local_world_size, wire, step_s)
+            t = predict_ddp(n, model_bytes, compute_s, net, local_world_size, wire, hidden)
+            ddp_rows.append({"world_size": n, "method": method, "iter_s": t, "overlap": hidden})
+        ddp = float(ddp_rows[0]["iter_s"])
+        for r in ddp_rows:
+            r["vs_ddp"] = float(r["iter_s"]) / ddp
+        rows += ddp_rows
         for name in topologies or TopologyFactory.available():
             for wire in (4, 2):
                 try:
@@ -337,9 +392,18 @@ def _format(reports: list[TopologyReport]) -> str:
             f"{r.bytes_per_step:>10.3f}x{r.max_bytes_per_step:>6.2f}x{r.allreduce_bytes_per_step:>11.3f}x"
             f"{r.consensus_rate:>16.4g}{r.rate_per_step:>10.4f}"
         )
-    rows.append("sent/step: model-sizes each worker sends per step (mean over workers and rounds; max in brackets);")
-    rows.append("consensus rate: ||W_(T-1)...W_0 - 11^T/n||_2 over one period, 0 = exact average every period.")
-    return "\n".join(rows)
+    return "\n".join(rows + COLUMNS.splitlines())
+
+
+# What the columns of the topology table mean (printed under it and in --help).
+COLUMNS = """\
+n: world size; L: ranks per node (--local-world-size; only alternating-exp-ring uses it);
+period: rounds before the schedule repeats; peers/round: peers each worker averages with in a round;
+sent/step: model-sizes each worker sends per step, mean over workers and rounds, (max) the largest;
+all-reduce: what a ring all-reduce (DDP) sends per step, 2(n-1)/n, for comparison;
+consensus rate: ||W_(T-1)...W_0 - 11^T/n||_2 over one period of T rounds, 0 = exact average every period;
+per step: consensus rate^(1/period), how much one step shrinks the workers' distance from their average
+(0 = exact after a period; closer to 1 = slower mixing)."""
 
 
 def _parse_rate(text: str) -> float:
@@ -351,23 +415,48 @@ def _parse_rate(text: str) -> float:
     return float(t) / 8
 
 
+def _overlap_arg(text: str) -> float | None:
+    """``--ddp-overlap``: ``auto`` (None: DDP's bucketing decides) or a fraction in [0, 1]."""
+    if text == "auto":
+        return None
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not 'auto' or a fraction between 0 and 1")
+    return value
+
+
 def _predict_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m decent_optim_wrapper.analysis predict",
-                                     description="Predicted time per iteration of DDP and each topology.")
+    parser = argparse.ArgumentParser(
+        prog="python -m decent_optim_wrapper.analysis predict", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Predicted time per iteration of DDP, DDP with bf16 compression (ddp-bf16), and each topology\n"
+                    "in full precision and with wire_dtype=torch.bfloat16 (+bf16), at each world size.",
+        epilog="The defaults describe GPU hosts (NCCL: communication runs beside the computation). On CPU hosts\n"
+               "(gloo) pass --host-ns-per-byte (about 1 on the emulated cluster), --ddp-overlap 0 and --measure-apply.")
     parser.add_argument("--model-mb", type=float, required=True, help="parameter bytes, MB (1e6)")
     parser.add_argument("--compute-ms", type=float, required=True,
                         help="forward + backward + local step with no communication, ms")
     parser.add_argument("--step-ms", type=float, default=0.0,
-                        help="the optimizer's step alone, ms (part of --compute-ms; the link waits for it)")
-    parser.add_argument("--bandwidth", default="1gbit", help="each host link, each direction (e.g. 1gbit, 10gbit)")
-    parser.add_argument("--latency-us", type=float, default=0.0, help="per message, one way")
+                        help="the optimizer's step alone, ms, part of --compute-ms: the link waits for it (default: 0)")
+    parser.add_argument("--bandwidth", default="1gbit",
+                        help="each host link, each direction, e.g. 100mbit, 10gbit (default: 1gbit)")
+    parser.add_argument("--latency-us", type=float, default=0.0, help="per message, one way (default: 0)")
     parser.add_argument("--intra-bandwidth", default=None, help="between ranks of one host (default: unlimited)")
     parser.add_argument("--host-ns-per-byte", type=float, default=0.0,
-                        help="a rank's CPU time per byte sent or received, not hidden by overlap (0 on GPUs)")
-    parser.add_argument("--local-world-size", type=int, default=1, help="ranks per host (sharing its link)")
-    parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 16, 64, 256, 1024])
-    parser.add_argument("--topologies", nargs="+", default=None)
-    parser.add_argument("--ddp-overlap", type=float, default=0.0, help="fraction of DDP's all-reduce hidden")
+                        help="a rank's CPU time per byte sent or received, not hidden by overlap (default: 0, right "
+                             "for GPUs)")
+    parser.add_argument("--local-world-size", type=int, default=1,
+                        help="ranks per host, sharing its link (default: 1)")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[8, 16, 64, 256, 1024],
+                        help="world sizes to predict, 1 to 4096 (default: 8 16 64 256 1024)")
+    parser.add_argument("--topologies", nargs="+", default=None,
+                        help=f"default: every registered one, {TopologyFactory.available()}")
+    parser.add_argument("--ddp-overlap", type=_overlap_arg, default=None, metavar="{auto,FRACTION}",
+                        help="the fraction of DDP's gradient all-reduce hidden behind backward. auto: what DDP's "
+                             "own bucketing hides (a 1 MiB bucket, then 25 MiB buckets, each all-reduced once "
+                             "backward, 2/3 of --compute-ms less --step-ms, has produced it; whatever runs past "
+                             "backward, at least the last bucket, is exposed): little for a model of a bucket or "
+                             "two, most of it for a large model on a fast link. 0 for gloo on busy CPU hosts, "
+                             "where the emulated cluster measured almost none hidden. Default: auto")
     parser.add_argument("--measure-apply", action="store_true",
                         help="time the CPU work of preparing and applying a round on this machine (one core, the "
                              "model's size) and add it to the compute side: CPU hosts like this one")
@@ -385,13 +474,16 @@ def _predict_main(argv: list[str]) -> None:
     apply = measure_round_work(int(args.model_mb * 1e6 / 4)) if args.measure_apply else 0.0
     rows = predict_table(args.world_sizes, args.model_mb * 1e6, args.compute_ms * 1e-3, net, args.local_world_size,
                          args.topologies, args.ddp_overlap, args.step_ms * 1e-3, apply)
-    print(f"{'n':>6}  {'method':<26}{'iter ms':>10}{'x DDP':>8}")
+    print(f"{'n':>6}  {'method':<26}{'iter ms':>10}{'x DDP':>8}{'hidden':>8}")
     for r in rows:
-        print(f"{r['world_size']:>6}  {r['method']:<26}{float(r['iter_s']) * 1e3:>10.1f}{float(r['vs_ddp']):>8.2f}")
-    print("Model: DDP = compute + ring all-reduce of the gradients (no overlap unless --ddp-overlap); gossip = the "
-          "longer of compute and the round's exchange on the busiest host link plus the optimizer's step, averaged "
-          "over the period" + (", with the round's CPU work (measured here) on both sides." if args.measure_apply
-                               else "."))
+        hidden = f"{float(r['overlap']):>8.0%}" if "overlap" in r else ""
+        print(f"{r['world_size']:>6}  {r['method']:<26}{float(r['iter_s']) * 1e3:>10.1f}{float(r['vs_ddp']):>8.2f}"
+              f"{hidden}")
+    overlap = "auto, from DDP's bucketing" if args.ddp_overlap is None else f"{args.ddp_overlap:g}"
+    print(f"DDP = compute + the ring all-reduce of the gradients, less the part hidden behind backward (hidden; "
+          f"--ddp-overlap {overlap}).\nGossip = the longer of compute and the round's exchange on the busiest host "
+          "link plus the optimizer's step, averaged over the topology's period"
+          + (", with the round's CPU work (measured here) on both sides." if args.measure_apply else "."))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -401,12 +493,17 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["predict"]:
         _predict_main(argv[1:])
         return
-    parser = argparse.ArgumentParser(prog="python -m decent_optim_wrapper.analysis",
-                                     description="Cost and mixing speed of gossip topologies "
-                                                 "('predict --help' for the cost model).")
-    parser.add_argument("topology", help=f"one of {TopologyFactory.available()} or 'all'")
-    parser.add_argument("world_size", type=int)
-    parser.add_argument("--local-world-size", type=int, default=1, help="ranks per node (hierarchical topologies)")
+    parser = argparse.ArgumentParser(
+        prog="python -m decent_optim_wrapper.analysis", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s [-h] [--local-world-size L] {TOPOLOGY,all} WORLD_SIZE\n"
+              "       %(prog)s predict --model-mb MB --compute-ms MS [options]  (predict --help: the options)",
+        description="Cost and mixing speed of gossip topologies, from their schedules alone (no process group).\n"
+                    "predict: the time per iteration a cluster will see, DDP against each topology.",
+        epilog="The columns:\n" + COLUMNS)
+    parser.add_argument("topology", metavar="TOPOLOGY", help=f"one of {TopologyFactory.available()} or 'all'")
+    parser.add_argument("world_size", metavar="WORLD_SIZE", type=int, help="number of workers")
+    parser.add_argument("--local-world-size", metavar="L", type=int, default=1,
+                        help="ranks per node, for hierarchical topologies (default: 1)")
     args = parser.parse_args(argv)
     names = TopologyFactory.available() if args.topology == "all" else [args.topology]
     reports = []

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from loguru import logger
 
 __all__ = ["Bucket", "build_buckets", "describe_params", "check_views", "check_bucket_cap", "check_params"]
@@ -121,10 +122,11 @@ def build_buckets(params: Iterable[torch.Tensor], bucket_cap_mb: float) -> list[
         if chunk:
             buckets.append(_make_bucket(chunk, device, dtype, esize, frozen))
 
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0  # the global rank
     for i, b in enumerate(buckets):
         logger.debug(
-            "bucket {}: {} params, {} elements ({:.2f} MiB), {} on {}{}",
-            i, len(b.params), b.flat.numel(), b.nbytes / 2**20, b.flat.dtype, b.flat.device,
+            "rank {}: bucket {}: {} params, {} elements ({:.2f} MiB), {} on {}{}",
+            rank, i, len(b.params), b.flat.numel(), b.nbytes / 2**20, b.flat.dtype, b.flat.device,
             " (frozen)" if b.frozen else "",
         )
     return buckets

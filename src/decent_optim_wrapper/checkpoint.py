@@ -45,7 +45,8 @@ _STEP_DIR = re.compile(r"^step(\d+)$")
 
 
 class CheckpointManager:
-    """Saves this rank's checkpoints under ``directory/step{N}/rank{r}.pt`` and resumes all ranks together.
+    """Saves this rank's checkpoints under ``directory/step{N:09d}/rank{r}.pt`` (e.g. ``step000000010``) and
+    resumes all ranks together.
 
     Args:
         directory: shared by all ranks (each writes only its own files); created if missing.

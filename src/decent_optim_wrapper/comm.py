@@ -206,6 +206,15 @@ class StampExchange:
         return None
 
 
+# What each kind of group is for, as the debug log says it (the kinds are internal names).
+_GROUP_PURPOSE = {
+    "data": "the process group in which ranks {} average their parameters",
+    "data-back": "a second process group of ranks {}, so that the two directions of a point-to-point pair travel "
+                 "on connections of their own",
+    "control": "the gloo process group in which ranks {} exchange round stamps (what each is doing, which round)",
+}
+
+
 class ProcessGroups:
     """The process groups of one gossip world (``parent``: the default group, or the user's subgroup).
 
@@ -281,16 +290,11 @@ class ProcessGroups:
     def _create(self, global_ranks: tuple[int, ...], kind: str) -> Any:
         key = self._key(global_ranks, kind)
         if key not in self._cache:
-            logger.debug("rank {}: creating the {} of ranks {}", dist.get_rank(), _KINDS[kind], list(global_ranks))
+            logger.debug("rank {}: creating {}", dist.get_rank(), _GROUP_PURPOSE[kind].format(list(global_ranks)))
             everyone = len(global_ranks) == dist.get_world_size()
             self._cache[key] = dist.new_group(list(global_ranks), backend=key[3],
                                               use_local_synchronization=not everyone)
         return self._cache[key]
-
-
-_KINDS = {"data": "process group for parameters",
-          "data-back": "second process group for parameters (the reverse direction of point-to-point pairs)",
-          "control": "gloo process group for the round checks"}
 
 
 class Checks:

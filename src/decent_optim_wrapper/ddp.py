@@ -120,7 +120,8 @@ class DecentralizedDataParallel(nn.Module, Joinable):
             p.register_post_accumulate_grad_hook(self._make_hook(i))
             for i, params in enumerate(self._bucket_params) for p in params
         ]
-        logger.debug("DecentralizedDataParallel: {} bucket(s) of sizes {}", len(chunks), [len(c) for c in chunks])
+        logger.debug("rank {}: DecentralizedDataParallel with {} bucket(s) of {} parameters",
+                     torch.distributed.get_rank() if dist_on else 0, len(chunks), [len(c) for c in chunks])
 
     # ------------------------------------------------------------------ the module
     def forward(self, *args: Any, **kwargs: Any) -> Any:

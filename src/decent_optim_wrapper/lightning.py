@@ -1,7 +1,8 @@
 """PyTorch Lightning strategy for decentralized (gossip) training: ``Trainer(strategy=DecentralizedStrategy())``.
 
-Install with the ``lightning`` extra (``uv add "decent-optim-wrapper[lightning]"``); the core package never
-imports Lightning. Importing this module registers the strategy as ``"decentralized"``.
+Needs Lightning: the ``lightning`` extra (README.md, Install), or ``lightning>=2.6`` installed beside the
+package; the core package never imports Lightning. Importing this module registers the strategy as
+``"decentralized"``.
 
 How it differs from Lightning's ``DDPStrategy``, which it extends (launchers, cluster environments, process
 group setup and the collectives ``reduce`` / ``barrier`` / ``broadcast`` / ``reduce_boolean_decision`` are
@@ -31,17 +32,25 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch import LightningModule
-from lightning.pytorch.accelerators import Accelerator
-from lightning.pytorch.core.optimizer import LightningOptimizer
-from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
-from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import GradClipAlgorithmType
+
+try:
+    from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+    from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.fabric.utilities.types import _PATH
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.accelerators import Accelerator
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+    from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+except ModuleNotFoundError as exc:
+    if (exc.name or "").split(".")[0] != "lightning":  # Lightning is there but broken: its own error says more
+        raise
+    raise ImportError('decent_optim_wrapper.lightning needs Lightning, an optional dependency: install the '
+                      '"lightning" extra (pip install "decent-optim-wrapper[lightning]"; in a checkout: uv sync '
+                      '--extra lightning) or lightning>=2.6 itself') from exc
 from loguru import logger
 from torch.optim import Optimizer
 
