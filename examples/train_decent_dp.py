@@ -3,6 +3,9 @@
 Run on 4 CPU workers (gloo)::
 
     uv run torchrun --nproc-per-node 4 examples/train_decent_dp.py --topology one-peer-exp
+
+Shards that differ in size by a batch (world sizes that do not divide the data) are handled by
+``torch.distributed.algorithms.Join``, as with torch's DistributedDataParallel.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.algorithms import Join
 from train_digits import accuracy, init_and_shard
 
 from decent_optim_wrapper import DecentralizedDataParallel
@@ -40,10 +44,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(1000 + rank)
     for epoch in range(args.epochs):
         perm = torch.randperm(len(x_shard), generator=g)
-        for i in range(0, len(perm) - args.batch_size + 1, args.batch_size):
-            idx = perm[i:i + args.batch_size]
-            ddp_model.zero_grad()
-            F.cross_entropy(ddp_model(x_shard[idx]), y_shard[idx]).backward()  # steps happen in here
+        with Join([ddp_model]):  # uneven shards: ranks that finish first stand in for the others' rounds
+            for i in range(0, len(perm) - args.batch_size + 1, args.batch_size):
+                idx = perm[i:i + args.batch_size]
+                ddp_model.zero_grad()
+                F.cross_entropy(ddp_model(x_shard[idx]), y_shard[idx]).backward()  # steps happen in here
         ddp_model.global_avg()
         acc = accuracy(ddp_model, x_test, y_test)
         ddp_model.revert_global_avg()

@@ -15,6 +15,7 @@ Process groups are created once per set of ranks and shared by every wrapper in 
 from __future__ import annotations
 
 import math
+import pickle
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from loguru import logger
 
 __all__ = ["GossipError", "Op", "Failure", "Stamp", "StampExchange", "ProcessGroups", "global_rank", "as_timeout",
-           "wait_all", "digest32", "agree", "Checks", "DEFAULT_TIMEOUT", "UNEVEN_HINT"]
+           "wait_all", "digest32", "agree", "gather_objects", "Checks", "DEFAULT_TIMEOUT", "UNEVEN_HINT"]
 
 # How long a step or a global operation waits for its peers by default: long enough for a peer that is
 # evaluating or saving a checkpoint, short enough that a mistake (ranks that took different numbers of steps)
@@ -297,6 +298,25 @@ class ProcessGroups:
         return self._cache[key]
 
 
+def gather_objects(obj: Any, group: dist.ProcessGroup, timeout: timedelta | None, what: str) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, over a gloo ``group``; blocking.
+
+    ``torch.distributed.all_gather_object`` does this too, but it converts through numpy, which torch does not
+    require (a fresh install without it failed at construction); this moves the pickled bytes as uint8 tensors.
+    """
+    data = pickle.dumps(obj)
+    n = dist.get_world_size(group)
+    size = torch.tensor([len(data)], dtype=torch.int64)
+    sizes = [torch.empty(1, dtype=torch.int64) for _ in range(n)]
+    wait_all([dist.all_gather(sizes, size, group=group, async_op=True)], timeout, what)
+    longest = max(int(t) for t in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8)
+    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    everyone = [torch.empty(longest, dtype=torch.uint8) for _ in range(n)]
+    wait_all([dist.all_gather(everyone, mine, group=group, async_op=True)], timeout, what)
+    return [pickle.loads(bytes(t[:int(k)].tolist())) for t, k in zip(everyone, sizes)]
+
+
 class Checks:
     """Runs argument checks, keeping the first ``ValueError``'s message instead of raising it (so that it can
     be shared with the other ranks by :func:`agree` before anyone raises)."""
@@ -325,8 +345,7 @@ def agree(groups: ProcessGroups, rank: int, what: str, error: str | None,
     everyone_ranks = tuple(range(groups.world_size))
     StampExchange(Stamp(Op.LAYOUT, 0, 0, digest32(what)), rank, everyone_ranks, control, None, 0).verify(timeout, what)
     mine = (error, {k: v for k, (v, _, _) in checks.items()})
-    everyone: list[Any] = [None] * groups.world_size
-    dist.all_gather_object(everyone, mine, group=control)
+    everyone = gather_objects(mine, control, timeout, what)
     if error is not None:
         raise ValueError(error)
     failed = [(r, e[0]) for r, e in enumerate(everyone) if e[0] is not None]

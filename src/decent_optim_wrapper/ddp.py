@@ -22,7 +22,7 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.optim import Optimizer
 
 from .buckets import check_bucket_cap
-from .comm import Checks, ProcessGroups, agree, digest32
+from .comm import Checks, ProcessGroups, agree, digest32, wait_all
 from .gossip import Shadow
 from .wrapper import DecentOptimWrapper, _revert_flag
 
@@ -207,11 +207,15 @@ class DecentralizedDataParallel(nn.Module, Joinable):
         """Step the buckets still open and apply every bucket's averaging in flight (blocking).
 
         Call on every rank at the end of training, before the process group is destroyed (see
-        :meth:`DecentOptimWrapper.finish`).
+        :meth:`DecentOptimWrapper.finish`): it returns once every rank has called it.
         """
         self._flush()
         for opt in self._optimizers:
-            opt.finish()
+            opt._finish()
+        if self._join_work is not None:  # Join's count: a process group destroyed under it aborts the process
+            wait_all([self._join_work], None, "counting the ranks still in a Join")
+            self._join_work = None
+        self._optimizers[0].gossip.barrier("finish()")
 
     def set_accumulate_grad(self, enable: bool = True) -> None:
         """Accumulate gradients over several backward passes instead of stepping in each.
@@ -294,6 +298,12 @@ class DecentralizedDataParallel(nn.Module, Joinable):
         self._flush()
         return {"optimizers": [o.state_dict() for o in self._optimizers],
                 "schedulers": [s.state_dict() if s is not None else None for s in self._schedulers]}
+
+    def _run_identity(self) -> dict[str, Any]:
+        """What a checkpoint of this run must match (see ``checkpoint.CheckpointManager``)."""
+        parts = [opt._run_identity() for opt in self._optimizers]
+        return {"topology": parts[0]["topology"], "schedule": parts[0]["schedule"],
+                "layout": digest32([p["layout"] for p in parts])}
 
     def load_optim_state_dict(self, state: dict[str, Any]) -> None:
         """Load what :meth:`optim_state_dict` returned."""

@@ -383,13 +383,18 @@ class Gossip:
                 pending.stamp.verify(self.timeout, label)
         stamp.verify(self.timeout, f"{what} at round {self.round}")
 
-    def control_sum(self, values: list[float]) -> list[float]:
+    def barrier(self, what: str) -> None:
+        """Block until every rank of the gossip world has called this (on the control plane)."""
+        if self.groups is not None:
+            self.control_sum([0.0], f"waiting for every rank in {what}")
+
+    def control_sum(self, values: list[float], what: str = "summing over ranks") -> list[float]:
         """Sum small host values over all ranks on the control plane (after :meth:`agree_global`)."""
         if self.groups is None:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64)
         wait_all([dist.all_reduce(t, group=self.groups.control(), async_op=True)], self.timeout,
-                 f"rank {self.rank}: summing over ranks")
+                 f"rank {self.rank}: {what}")
         return t.tolist()
 
     def _stamp(self, stamp: Stamp, group: Group | None) -> StampExchange:
@@ -422,6 +427,10 @@ class Gossip:
                  self.timeout, f"rank {self.rank}: waiting (out of inputs, inside a Join) for the next operation of "
                                "the ranks still training")
         return self._announcement(t)
+
+    def settle_announcements(self) -> None:
+        """Wait for (and check) this rank's last announcement, if any."""
+        self._check_announced()
 
     def _check_announced(self) -> None:
         if self._announced is not None:

@@ -17,7 +17,7 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.optim import Optimizer
 
 from .buckets import Bucket, build_buckets, check_bucket_cap, check_params, check_views, describe_params
-from .comm import Checks, Failure, GossipError, ProcessGroups, agree, as_timeout, digest32, global_rank
+from .comm import Checks, Failure, GossipError, ProcessGroups, agree, as_timeout, digest32, global_rank, wait_all
 from .gossip import CommStats, Gossip, Shadow, next_instance
 from .reinit import build_lr_scheduler, build_optimizer, validate_lr_scheduler_config
 from .topo import Schedule, Topology, TopologyFactory
@@ -292,9 +292,25 @@ class DecentOptimWrapper(Optimizer, Joinable):
         rank that exits while its peer still sends to it makes that peer fail. (``global_avg()`` drains the
         round in flight too.) Training may go on afterwards; the next gradient is then taken at the mixed
         parameters rather than the un-mixed ones, so the trajectory differs from one without this call.
+
+        Collective: it returns once every rank has called it, so that no rank tears down while a peer still
+        needs it (an asynchronous collective a peer had not finished could abort that peer).
         """
+        self._finish()
+        self._gossip.barrier("finish()")
+
+    def _finish(self) -> None:
         self._check_views()
         self._gossip.apply()
+        self._settle_join()
+
+    def _settle_join(self) -> None:
+        """Wait for this rank's last announcement to the ranks of a Join, and Join's count: a process group
+        destroyed under them would abort the process."""
+        self._gossip.settle_announcements()
+        if self._join_work is not None:
+            wait_all([self._join_work], self._timeout, f"rank {self._rank}: counting the ranks still in a Join")
+            self._join_work = None
 
     def _check_views(self) -> None:
         broken = check_views(self._buckets)
@@ -564,6 +580,11 @@ class DecentOptimWrapper(Optimizer, Joinable):
         raise GossipError(f"rank {self._rank}: {Failure.CANNOT_SHADOW.reason}{advice}")
 
     # ------------------------------------------------------------------ checkpointing
+    def _run_identity(self) -> dict[str, Any]:
+        """What a checkpoint of this run must match (see ``checkpoint.CheckpointManager``)."""
+        return {"topology": self.topology.name, "schedule": self._schedule.digest(),
+                "layout": digest32(describe_params(self._params()), self._bucket_cap_mb)}
+
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus what the wrapper needs to resume bit for bit.
 
