@@ -5,8 +5,9 @@
                                           bf16_compress_wrapper
     localsgd-<H>[-w<WARMUP>]              torch's post-local SGD: DDP with post_localSGD_hook for WARMUP steps,
                                           then local steps and PostLocalSGDOptimizer's parameter average every H
-    diloco-<H>[-lr<LR>]                   DiLoCo: inner AdamW (learning rate LR) for H steps, then one outer
-                                          Nesterov SGD step (lr 0.7, momentum 0.9) on the averaged pseudo-gradient
+    diloco-<H>[-lr<LR>][-olr<OLR>][-own]  DiLoCo: inner AdamW (learning rate LR) for H steps, then one outer
+                                          Nesterov SGD step (lr OLR, default 0.7, momentum 0.9) on the averaged
+                                          pseudo-gradient; -own: the workload's own optimizer as the inner one
 
 The optional parts default to the values chosen by the sweep written down in benchmarks/README.md ("Slow-link
 anchors"), relative to the step budget where the choice depends on it.
@@ -17,24 +18,31 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Anchor", "DiLoCo", "build", "describe", "parse", "DILOCO_OUTER_LR", "DILOCO_OUTER_MOMENTUM"]
+__all__ = ["Anchor", "DiLoCo", "build", "describe", "parse", "DILOCO_OUTER_LR", "DILOCO_OUTER_MOMENTUM",
+           "MLP_DILOCO_INNER_LR", "MLP_LOCALSGD_WARMUP", "MLP_POWERSGD_START"]
 
 DILOCO_OUTER_LR = 0.7
 DILOCO_OUTER_MOMENTUM = 0.9
-DILOCO_INNER_LR = 1e-3  # inner AdamW for a workload whose own optimizer is not AdamW (the MLP's SGD)
-POWERSGD_START_FRACTION = 0.1  # torch's advice: plain all-reduce for the first 10% of training
-LOCALSGD_WARMUP_FRACTION = 0.1
+# What an unspecified setting becomes, per workload. The MLP's come from the sweep in benchmarks/README.md
+# ("Slow-link anchors"); the LM's are not swept: torch's advice for PowerSGD (plain all-reduce for the first 10% of
+# training, no less than the learning-rate warm-up: 24 of the default 240 steps, warm-up 20), the same warm-up
+# for post-local SGD, and the workload's own AdamW for DiLoCo.
+MLP_POWERSGD_START = 2  # the hook's minimum with error feedback or warm start (its state needs a plain step)
+MLP_LOCALSGD_WARMUP = 0
+MLP_DILOCO_INNER_LR = 1e-3
+TENTH = 0.1
 
+_NUM = r"\d+(?:\.\d*)?(?:e-?\d+)?"
 _PATTERNS = {
     "powersgd": re.compile(r"ddp-powersgd-r(?P<value>[1-9]\d*)(?:-s(?P<warmup>\d+))?(?P<bf16>\+bf16)?"),
     "localsgd": re.compile(r"localsgd-(?P<value>[1-9]\d*)(?:-w(?P<warmup>\d+))?"),
-    "diloco": re.compile(r"diloco-(?P<value>[1-9]\d*)(?:-lr(?P<lr>\d+(?:\.\d*)?(?:e-?\d+)?))?"),
+    "diloco": re.compile(rf"diloco-(?P<value>[1-9]\d*)(?:-lr(?P<lr>{_NUM}))?(?:-olr(?P<olr>{_NUM}))?(?P<own>-own)?"),
 }
 
 
@@ -46,6 +54,8 @@ class Anchor:
     value: int
     warmup: int | None = None
     lr: float | None = None
+    outer_lr: float = DILOCO_OUTER_LR
+    own_inner: bool = False
     bf16: bool = False
 
     @property
@@ -53,14 +63,19 @@ class Anchor:
         """Steps between two communications that cost the link (1: every step)."""
         return 1 if self.kind == "powersgd" else self.value
 
-    def warmup_steps(self, steps: int) -> int:
-        """PowerSGD's ``start_powerSGD_iter`` or post-local SGD's warm-up for a budget of ``steps``."""
+    def resolve(self, steps: int, workload: str) -> Anchor:
+        """This anchor with every unspecified setting filled in for ``workload`` and a budget of ``steps``."""
+        if self.kind == "diloco":
+            lr = self.lr
+            if lr is None and workload == "mlp" and not self.own_inner:
+                lr = MLP_DILOCO_INNER_LR
+            return replace(self, lr=lr)
         if self.warmup is not None:
-            return self.warmup
+            return self
+        tenth = round(TENTH * steps)
         if self.kind == "powersgd":
-            # The hook needs >= 2 with error feedback or warm start on (its state is built in the plain steps).
-            return max(2, round(POWERSGD_START_FRACTION * steps))
-        return round(LOCALSGD_WARMUP_FRACTION * steps)
+            return replace(self, warmup=MLP_POWERSGD_START if workload == "mlp" else max(2, tenth))
+        return replace(self, warmup=MLP_LOCALSGD_WARMUP if workload == "mlp" else tenth)
 
 
 def parse(method: str) -> Anchor | None:
@@ -71,11 +86,13 @@ def parse(method: str) -> Anchor | None:
             continue
         g = m.groupdict()
         anchor = Anchor(kind, int(g["value"]), None if g.get("warmup") is None else int(g["warmup"]),
-                        None if g.get("lr") is None else float(g["lr"]), bool(g.get("bf16")))
+                        None if g.get("lr") is None else float(g["lr"]), own_inner=bool(g.get("own")),
+                        outer_lr=DILOCO_OUTER_LR if g.get("olr") is None else float(g["olr"]),
+                        bf16=bool(g.get("bf16")))
         if kind == "powersgd" and anchor.warmup is not None and anchor.warmup < 2:
             raise ValueError(f"Invalid method={method!r}: PowerSGD with error feedback needs -s2 or more.")
-        if anchor.lr is not None and not anchor.lr > 0:
-            raise ValueError(f"Invalid method={method!r}: the inner learning rate must be > 0.")
+        if (anchor.lr is not None and not anchor.lr > 0) or not anchor.outer_lr > 0:
+            raise ValueError(f"Invalid method={method!r}: learning rates must be > 0.")
         return anchor
     return None
 
@@ -131,22 +148,21 @@ class DiLoCo:
         self.syncs += 1
 
 
-def describe(anchor: Anchor, steps: int, inner: torch.optim.Optimizer) -> str:
-    """The settings ``anchor`` ran with, resolved for a budget of ``steps``, for the summary."""
+def describe(anchor: Anchor, inner: torch.optim.Optimizer) -> str:
+    """The settings a resolved ``anchor`` runs with, for the summary."""
     if anchor.kind == "powersgd":
-        return (f"PowerSGD rank {anchor.value}, start_powerSGD_iter {anchor.warmup_steps(steps)}, error feedback and "
+        return (f"PowerSGD rank {anchor.value}, start_powerSGD_iter {anchor.warmup}, error feedback and "
                 f"warm start on, one DDP bucket{', bf16_compress_wrapper' if anchor.bf16 else ''}")
     if anchor.kind == "localsgd":
-        return (f"post-local SGD: DDP gradient all-reduce for {anchor.warmup_steps(steps)} steps, then parameter "
+        return (f"post-local SGD: DDP gradient all-reduce for {anchor.warmup} steps, then parameter "
                 f"average every {anchor.value} steps")
     g = inner.param_groups[0]
     return (f"DiLoCo: inner {type(inner).__name__} lr {g['lr']:g} weight decay {g['weight_decay']:g} for "
-            f"{anchor.value} steps, outer SGD lr {DILOCO_OUTER_LR} Nesterov momentum {DILOCO_OUTER_MOMENTUM}")
+            f"{anchor.value} steps, outer SGD lr {anchor.outer_lr:g} Nesterov momentum {DILOCO_OUTER_MOMENTUM}")
 
 
 def build(anchor: Anchor, model: nn.Module, make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
-          steps: int, seed: int,
-          local_world_size: int) -> tuple[nn.Module, torch.optim.Optimizer | DiLoCo, torch.optim.Optimizer]:
+          seed: int, local_world_size: int) -> tuple[nn.Module, torch.optim.Optimizer | DiLoCo, torch.optim.Optimizer]:
     """(model to call, optimizer to step, inner optimizer) for ``anchor`` on this rank.
 
     ``make_optimizer(params)`` is the workload's own optimizer; every rank must call this (it creates groups).
@@ -163,7 +179,7 @@ def build(anchor: Anchor, model: nn.Module, make_optimizer: Callable[[list[nn.Pa
         model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         ddp = DDP(model, bucket_cap_mb=math.ceil(model_mb) + 1)
         state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=anchor.value,
-                                   start_powerSGD_iter=anchor.warmup_steps(steps), use_error_feedback=True,
+                                   start_powerSGD_iter=anchor.warmup, use_error_feedback=True,
                                    warm_start=True, random_seed=seed)
         ddp.register_comm_hook(state, bf16_compress_wrapper(psgd.powerSGD_hook) if anchor.bf16
                                else psgd.powerSGD_hook)
@@ -177,7 +193,7 @@ def build(anchor: Anchor, model: nn.Module, make_optimizer: Callable[[list[nn.Pa
         from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
         from torch.distributed.optim import PostLocalSGDOptimizer
 
-        warmup = anchor.warmup_steps(steps)
+        warmup = anchor.warmup or 0
         # torch's recipe: DDP all-reduces gradients globally during the warm-up, then only inside a host (the
         # subgroup; ranks of a host are consecutive), and the optimizer averages parameters globally every H
         # steps. new_subgroups' default sizes groups by CUDA devices, which a CPU host has none of.
@@ -191,11 +207,11 @@ def build(anchor: Anchor, model: nn.Module, make_optimizer: Callable[[list[nn.Pa
     if anchor.kind == "diloco":
         params = list(model.parameters())
         inner = make_optimizer(params)
-        if not isinstance(inner, torch.optim.AdamW):
+        if not anchor.own_inner and not isinstance(inner, torch.optim.AdamW):
             # DiLoCo's inner optimizer is AdamW; a workload that trains with another one gets a plain AdamW.
-            inner = torch.optim.AdamW(params, lr=DILOCO_INNER_LR)
+            inner = torch.optim.AdamW(params, lr=anchor.lr or MLP_DILOCO_INNER_LR)
         if anchor.lr is not None:
             for g in inner.param_groups:
                 g["lr"] = anchor.lr
-        return model, DiLoCo(inner, params, anchor.value), inner
+        return model, DiLoCo(inner, params, anchor.value, outer_lr=anchor.outer_lr), inner
     raise ValueError(f"Unknown anchor kind={anchor.kind!r}.")

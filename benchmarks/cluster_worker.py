@@ -50,13 +50,12 @@ def _counters(ifname: str) -> dict[str, int]:
     return {"wire_tx": read(ifname, "tx_bytes"), "wire_rx": read(ifname, "rx_bytes"), "lo_tx": read("lo", "tx_bytes")}
 
 
-def wrap(method: str, workload: workloads.Workload, timeout_s: float, steps: int,
+def wrap(method: str, workload: workloads.Workload, timeout_s: float, anchor: anchors.Anchor | None,
          seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer | anchors.DiLoCo, torch.optim.Optimizer]:
-    """(model to call, optimizer to step, inner optimizer) for ``method``."""
+    """(model to call, optimizer to step, inner optimizer) for ``method`` (``anchor``: its resolved anchor)."""
     model = workload.model
-    anchor = anchors.parse(method)
     if anchor is not None:
-        return anchors.build(anchor, model, workload.optimizer, steps, seed, int(os.environ["LOCAL_WORLD_SIZE"]))
+        return anchors.build(anchor, model, workload.optimizer, seed, int(os.environ["LOCAL_WORLD_SIZE"]))
     base, _, suffix = method.partition("+")
     if base in DDP_METHODS:
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -106,8 +105,9 @@ def main() -> None:
     ifname = os.environ["GLOO_SOCKET_IFNAME"]
     wl = workloads.build(a.workload, rank, world, a.batch_size, a.lr, a.seed)
     params = list(wl.model.parameters())  # the plain model's, in a fixed order, for snapshots
-    model, opt, inner = wrap(a.method, wl, a.timeout, a.steps, a.seed)
     anchor = anchors.parse(a.method)
+    anchor = None if anchor is None else anchor.resolve(a.steps, a.workload)
+    model, opt, inner = wrap(a.method, wl, a.timeout, anchor, a.seed)
     sched = torch.optim.lr_scheduler.LambdaLR(inner, wl.lr_lambda)
     eval_steps = sorted({int(s) for s in a.eval_steps.split(",")})
     snap_dir = a.out / "snapshots"
@@ -171,7 +171,7 @@ def main() -> None:
         "describe": wl.describe,
         # steps from one communication on the link to the next: the iteration time is a mean over whole periods
         "period": 1 if anchor is None else anchor.period,
-        "setup": None if anchor is None else anchors.describe(anchor, a.steps, inner),
+        "setup": None if anchor is None else anchors.describe(anchor, inner),
         "param_bytes": sum(q.numel() * q.element_size() for q in params),
         "counters": None if before is None or after is None else {k: after[k] - before[k] for k in before},
     }
