@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,14 +39,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(step_fn: object, model: nn.Module, inner: torch.optim.Optimizer, rank: int, steps: int) -> None:
+def _train(step_fn: Callable[[], object], model: nn.Module, inner: torch.optim.Optimizer, rank: int,
+           steps: int) -> None:
     gen = torch.Generator().manual_seed(100 + rank)  # each replica its own data, the same for both runs
     for _ in range(steps):
         x = torch.randn(32, 16, generator=gen)
         loss = ((model(x) - x.sum(1, keepdim=True).sin()) ** 2).mean()
         inner.zero_grad()
         loss.backward()
-        step_fn()  # type: ignore[operator]
+        step_fn()
 
 
 def _fresh(lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
