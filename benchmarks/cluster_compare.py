@@ -16,15 +16,19 @@ step budget:
     alternating-exp-ring   hierarchical: inside a host, then one peer across hosts (default when P > 1)
     <topology>+bf16        DecentOptimWrapper(..., wire_dtype=torch.bfloat16), where the package has it
     local                  no communication: each rank trains alone (averaged only for evaluation)
+    ddp-powersgd-r<R>      slow-link anchors (benchmarks/anchors.py): DDP + PowerSGD of rank R, torch's post-local
+    localsgd-<H>           SGD averaging every H steps, DiLoCo syncing every H steps; optional settings in
+    diloco-<H>             the name, e.g. ddp-powersgd-r4-s20+bf16, localsgd-8-w0, diloco-16-lr3e-4
 
-It reports time per iteration, bytes per host per step on the shaped link (interface counters, the same for
-every method) and on ``lo`` (traffic between ranks of one host), the validation loss of the globally averaged
-model against steps and against training wall-clock (evaluation excluded), and the wall-clock each method
-needs to reach a target validation loss (``--target``, or by default the loss DDP reaches at 80% of the
-budget). ``--repeat N`` launches every method N times, interleaved, each repetition in a rotated order; a
-method's row is its median launch (on a 2-core machine one method's iteration time varies by up to 10% from
-one launch to the next, and a first launch on a new cluster can run 20% slower: more than the differences
-between some methods). Writes summary.json, summary.csv, curves.csv,
+It reports time per iteration (for a method that talks every H steps, the mean over whole periods), bytes per
+host per step on the shaped link (interface counters, the same for every method) and on ``lo`` (traffic
+between ranks of one host), the validation loss of the globally averaged model against steps and against
+training wall-clock (evaluation excluded), and the wall-clock each method needs to reach a target validation
+loss (``--target``, or by default the loss DDP reaches at 80% of the budget). ``--repeat N`` launches every
+method N times, interleaved, each repetition in a rotated order; a method's row is its median launch (on a
+2-core machine one method's iteration time varies by up to 10% from one launch to the next, and a first launch
+on a new cluster can run 20% slower: more than the differences between some methods).
+Writes summary.json, summary.csv, curves.csv,
 val_loss_vs_time.png and val_loss_vs_step.png under --out. Needs root (network namespaces).
 """
 
@@ -43,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import anchors  # noqa: E402  (sibling files, not a package)
 from cluster import (  # noqa: E402
     Cluster,
     ClusterError,
@@ -78,12 +83,13 @@ def check_method(method: str) -> None:
     """Raise ValueError for a method name the worker would not know."""
     from decent_optim_wrapper import TopologyFactory
 
-    if method in ("ddp", "ddp-bf16", "local"):
+    if method in ("ddp", "ddp-bf16", "local") or anchors.parse(method) is not None:
         return
     base, plus, suffix = method.partition("+")
     if base not in TopologyFactory.available():
-        raise ValueError(f"Unknown method={method!r}. Must be ddp, ddp-bf16, local or a topology "
-                         f"{sorted(TopologyFactory.available())}, optionally with '+bf16'.")
+        raise ValueError(f"Unknown method={method!r}. Must be ddp, ddp-bf16, local, an anchor (ddp-powersgd-r<R>, "
+                         f"localsgd-<H>, diloco-<H>) or a topology {sorted(TopologyFactory.available())}, "
+                         "optionally with '+bf16'.")
     if plus and suffix != "bf16":
         raise ValueError(f"Invalid method={method!r}: the only suffix is '+bf16'.")
     if suffix == "bf16" and not has_wire_dtype():
@@ -168,7 +174,12 @@ def reach(points: list[tuple[int, float, float]], target: float) -> tuple[float,
 
 def summarise(method: str, per_rank: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
     steps = cfg["steps"]
-    warm = max(1, steps // 10)  # process-group connections, DDP's bucket rebuild: not steady state
+    # Skip the first 10% (process-group connections, DDP's bucket rebuild: not steady state). A method that
+    # talks every H steps is averaged over a whole number of periods, ending at the last step: any H
+    # consecutive steps hold one communication, so the mean charges each its share whatever the phase.
+    period = per_rank[0].get("period", 1)
+    warm = max(1, steps // 10)
+    warm = max(0, steps - max(period, (steps - warm) // period * period))
     hosts = [r["counters"] for r in per_rank if r["counters"] is not None]
     param_bytes = per_rank[0]["param_bytes"]
     wire = statistics.mean(c["wire_tx"] for c in hosts) / steps
@@ -190,6 +201,9 @@ def summarise(method: str, per_rank: list[dict[str, Any]], cfg: dict[str, Any]) 
         "best_val_loss": min(p[2] for p in points),
         "final_train_loss": statistics.mean(x for r in per_rank for x in r["losses"][-tail:]),
         "launch_s": per_rank[0]["launch_s"],
+        "period": period,
+        "iter_window": [warm, steps],
+        "setup": per_rank[0].get("setup"),
     }
 
 

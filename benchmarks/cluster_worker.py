@@ -34,7 +34,8 @@ import torch._dynamo  # noqa: F401  (torch.optim imports it at the first step: s
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import workloads  # noqa: E402  (a sibling file, not a package)
+import anchors  # noqa: E402  (sibling files, not a package)
+import workloads  # noqa: E402
 
 from decent_optim_wrapper import DecentOptimWrapper, transport  # noqa: E402
 
@@ -49,11 +50,13 @@ def _counters(ifname: str) -> dict[str, int]:
     return {"wire_tx": read(ifname, "tx_bytes"), "wire_rx": read(ifname, "rx_bytes"), "lo_tx": read("lo", "tx_bytes")}
 
 
-def wrap(method: str, workload: workloads.Workload,
-         timeout_s: float) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.Optimizer]:
-    """(model to call, optimizer to step, inner optimizer) for ``method``."""
-    base, _, suffix = method.partition("+")
+def wrap(method: str, workload: workloads.Workload, timeout_s: float, anchor: anchors.Anchor | None,
+         seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer | anchors.DiLoCo, torch.optim.Optimizer]:
+    """(model to call, optimizer to step, inner optimizer) for ``method`` (``anchor``: its resolved anchor)."""
     model = workload.model
+    if anchor is not None:
+        return anchors.build(anchor, model, workload.optimizer, seed, int(os.environ["LOCAL_WORLD_SIZE"]))
+    base, _, suffix = method.partition("+")
     if base in DDP_METHODS:
         model = torch.nn.parallel.DistributedDataParallel(model)
         if base == "ddp-bf16":
@@ -102,7 +105,9 @@ def main() -> None:
     ifname = os.environ["GLOO_SOCKET_IFNAME"]
     wl = workloads.build(a.workload, rank, world, a.batch_size, a.lr, a.seed)
     params = list(wl.model.parameters())  # the plain model's, in a fixed order, for snapshots
-    model, opt, inner = wrap(a.method, wl, a.timeout)
+    anchor = anchors.parse(a.method)
+    anchor = None if anchor is None else anchor.resolve(a.steps, a.workload)
+    model, opt, inner = wrap(a.method, wl, a.timeout, anchor, a.seed)
     sched = torch.optim.lr_scheduler.LambdaLR(inner, wl.lr_lambda)
     eval_steps = sorted({int(s) for s in a.eval_steps.split(",")})
     snap_dir = a.out / "snapshots"
@@ -164,6 +169,9 @@ def main() -> None:
         "local_world_size": int(os.environ["LOCAL_WORLD_SIZE"]), "clock": clock, "losses": losses,
         "iter_s": iter_s, "step_s": step_s, "inner_s": inner_s, "wait_s": wait_s, "val_loss": scored,
         "describe": wl.describe,
+        # steps from one communication on the link to the next: the iteration time is a mean over whole periods
+        "period": 1 if anchor is None else anchor.period,
+        "setup": None if anchor is None else anchors.describe(anchor, inner),
         "param_bytes": sum(q.numel() * q.element_size() for q in params),
         "counters": None if before is None or after is None else {k: after[k] - before[k] for k in before},
     }

@@ -132,6 +132,42 @@ def test_toy_comparison_runs_every_method_over_the_shaped_links(tmp_path: Path) 
     assert _ours(proc.pid) == []
 
 
+@needs_namespaces
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_toy_comparison_runs_the_slow_link_anchors(tmp_path: Path) -> None:
+    out = tmp_path / "anchors"
+    methods = ["ddp", "ddp-powersgd-r1-s2", "localsgd-8-w0", "diloco-4-lr3e-4"]
+    proc = subprocess.Popen(
+        COMPARE + ["--hosts", "2", "--rate", "1gbit", "--workload", "mlp", "--steps", "16", "--evals", "2",
+                   "--methods", *methods, "--no-progress", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    stdout, stderr = proc.communicate(timeout=390)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["method"]: r for r in summary["results"]}
+    assert list(rows) == methods
+    for method, r in rows.items():
+        curve = summary["curves"][method]
+        assert [p[0] for p in curve] == [0, 8, 16], method
+        assert curve[-1][2] < curve[0][2], (method, curve)  # every method trains
+        assert r["iter_ms"] > 0 and r["local_bytes_per_host_step"] < 1e4
+    ddp = rows["ddp"]["wire_bytes_per_host_step"]
+    assert rows["ddp"]["setup"] is None and rows["ddp"]["period"] == 1
+    # PowerSGD: 2 plain all-reduce steps of 16, then rank-1 factors: about 2/16 of DDP's bytes, not much more.
+    assert 0.1 < rows["ddp-powersgd-r1-s2"]["wire_bytes_per_host_step"] / ddp < 0.2
+    assert "rank 1, start_powerSGD_iter 2" in rows["ddp-powersgd-r1-s2"]["setup"]
+    # Post-local SGD without warm-up: one parameter all-reduce (DDP's bytes) every 8 steps; no gradient traffic.
+    assert 0.1 < rows["localsgd-8-w0"]["wire_bytes_per_host_step"] / ddp < 0.15
+    assert rows["localsgd-8-w0"]["period"] == 8 and rows["localsgd-8-w0"]["iter_window"] == [8, 16]
+    # DiLoCo: one pseudo-gradient all-reduce every 4 steps.
+    assert 0.22 < rows["diloco-4-lr3e-4"]["wire_bytes_per_host_step"] / ddp < 0.28
+    assert "inner AdamW lr 0.0003" in rows["diloco-4-lr3e-4"]["setup"]
+    assert rows["diloco-4-lr3e-4"]["iter_window"] == [4, 16]
+    assert _ours(proc.pid) == []
+
+
 def _start(out: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         COMPARE + ["--hosts", "2", "--workload", "mlp", "--steps", "100000", "--methods", "ring", "--no-progress",
