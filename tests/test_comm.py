@@ -146,7 +146,7 @@ def test_weighted_groups_exact_values(pair_transport: str) -> None:
 def _process_groups_created(rank: int, world_size: int) -> tuple[list, list]:
     DecentOptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1),
                        topology="alternating-exp-ring", local_world_size=4)
-    known = sorted((kind, list(ranks)) for _, ranks, kind, _ in ProcessGroups._cache)
+    known = sorted((kind, list(ranks)) for ranks, kind in ProcessGroups.known())
     return known, [k for k in known if rank in k[1]]
 
 

@@ -128,3 +128,27 @@ def _not_a_member(rank: int, world_size: int) -> object:
 
 def test_process_group_this_rank_is_not_in() -> None:
     assert run_ranks(_not_a_member, 2) == [1, "Invalid process_group: this process is not one of its members."]
+
+
+def _integer_parameter(rank: int, world_size: int) -> str:
+    steps = torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)  # a counter, say
+    try:
+        DecentOptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2)), steps], lr=0.1))
+    except ValueError as exc:
+        return str(exc)
+    return "constructed"
+
+
+def test_an_integer_parameter_is_refused_at_construction_on_every_rank_naming_it() -> None:
+    msg = ("Invalid parameter (parameter 1 of the optimizer, counted over its param_groups) of shape (3,) and dtype "
+           "torch.int64: only floating-point parameters can be averaged.")
+    assert all(r.startswith(msg) for r in run_ranks(_integer_parameter, 2))
+    assert _integer_parameter(0, 1).startswith(msg)  # and without a process group
+
+
+def _default_timeout(rank: int, world_size: int) -> float:
+    return DecentOptimWrapper(torch.optim.SGD(_params(), lr=0.1)).gossip.timeout.total_seconds()
+
+
+def test_the_default_timeout_is_minutes_not_the_process_groups_half_hour() -> None:
+    assert run_ranks(_default_timeout, 2, pg_timeout_s=1800) == [300.0, 300.0]

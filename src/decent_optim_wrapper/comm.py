@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -216,6 +217,50 @@ _GROUP_PURPOSE = {
 }
 
 
+class WeakGroup:
+    """A process group held weakly: torch's registry keeps it alive until ``destroy_process_group()``, and then it
+    must go. A group still held by this package (or a gloo worker thread it keeps alive) would outlive that into
+    interpreter shutdown, where a worker thread that frees a tensor aborts the process ("terminate called without
+    an active exception"). ``None`` stands for the default group."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, pg: dist.ProcessGroup | None) -> None:
+        self._ref = None if pg is None else weakref.ref(pg)
+
+    def get(self) -> Any:
+        if self._ref is None:
+            return None
+        pg = self._ref()
+        if pg is None:
+            raise RuntimeError("The process group was destroyed (torch.distributed.destroy_process_group()); build "
+                               "the wrapper again after init_process_group().")
+        return pg
+
+
+class _GroupCache:
+    """``(ranks, kind, backend)`` -> process group (weakly, see :class:`WeakGroup`) or torch's non-member marker."""
+
+    def __init__(self) -> None:
+        self._groups: weakref.WeakValueDictionary[Any, Any] = weakref.WeakValueDictionary()
+        self._markers: dict[Any, Any] = {}
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._markers or key in self._groups
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._markers[key] if key in self._markers else self._groups[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(value, dist.ProcessGroup):
+            self._groups[key] = value
+        else:
+            self._markers[key] = value
+
+    def keys(self) -> list[Any]:
+        return list(self._markers) + list(self._groups.keys())
+
+
 class ProcessGroups:
     """The process groups of one gossip world (``parent``: the default group, or the user's subgroup).
 
@@ -224,12 +269,24 @@ class ProcessGroups:
     whole schedule's groups at construction, never mid-training.
     """
 
-    _cache: dict[tuple[Any, tuple[int, ...], str, str], Any] = {}
+    # Per job (its default process group) and weakly, groups and jobs alike (see WeakGroup).
+    _caches: weakref.WeakKeyDictionary[Any, _GroupCache] = weakref.WeakKeyDictionary()
 
     def __init__(self, parent: dist.ProcessGroup | None) -> None:
-        self.parent = parent
+        self._parent = WeakGroup(parent)
         self.world_size = dist.get_world_size(parent)
         self.backend = str(dist.get_backend(parent))
+        self._cache = self._caches.setdefault(dist.distributed_c10d._get_default_group(), _GroupCache())
+
+    @property
+    def parent(self) -> dist.ProcessGroup | None:
+        return cast("dist.ProcessGroup | None", self._parent.get())
+
+    @classmethod
+    def known(cls) -> list[tuple[tuple[int, ...], str]]:
+        """``(global ranks, kind)`` of every group this process knows of in the current job (for tests)."""
+        cache = cls._caches.get(dist.distributed_c10d._get_default_group())
+        return [(ranks, kind) for ranks, kind, _ in cache.keys()] if cache is not None else []
 
     def to_global(self, ranks: Sequence[int]) -> tuple[int, ...]:
         return tuple(global_rank(self.parent, r) for r in ranks)
@@ -278,9 +335,8 @@ class ProcessGroups:
         ranks = range(self.world_size) if ranks is None else ranks
         return self._get(self.to_global(ranks), "control")
 
-    def _key(self, global_ranks: tuple[int, ...], kind: str) -> tuple[Any, tuple[int, ...], str, str]:
-        backend = "gloo" if kind == "control" else self.backend
-        return dist.distributed_c10d._get_default_group(), global_ranks, kind, backend
+    def _key(self, global_ranks: tuple[int, ...], kind: str) -> tuple[tuple[int, ...], str, str]:
+        return global_ranks, kind, "gloo" if kind == "control" else self.backend
 
     def _get(self, global_ranks: tuple[int, ...], kind: str) -> dist.ProcessGroup:
         pg = self._create(global_ranks, kind)
@@ -293,7 +349,7 @@ class ProcessGroups:
         if key not in self._cache:
             logger.debug("rank {}: creating {}", dist.get_rank(), _GROUP_PURPOSE[kind].format(list(global_ranks)))
             everyone = len(global_ranks) == dist.get_world_size()
-            self._cache[key] = dist.new_group(list(global_ranks), backend=key[3],
+            self._cache[key] = dist.new_group(list(global_ranks), backend=key[2],
                                               use_local_synchronization=not everyone)
         return self._cache[key]
 

@@ -23,6 +23,7 @@ operation (:meth:`Gossip.announce`) on the control plane, and a rank that ran ou
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -44,16 +45,19 @@ __all__ = ["Gossip", "CommStats", "Shadow", "next_instance"]
 # Point-to-point tags: one range per Gossip object (gloo keeps them apart; NCCL has no tags, and the order of
 # launches, agreed by every rank, is what matches messages there).
 _TAG_BITS = 16
-_instances: dict[Any, int] = {}
+# Gossip objects created so far, per job (its default group, weakly: see ProcessGroups) and gossip world.
+_instances: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], int]] = weakref.WeakKeyDictionary()
 
 
-def _world_key(groups: ProcessGroups) -> Any:
-    return dist.distributed_c10d._get_default_group(), groups.to_global(range(groups.world_size))
+def _counts(groups: ProcessGroups) -> tuple[dict[tuple[int, ...], int], tuple[int, ...]]:
+    counts = _instances.setdefault(dist.distributed_c10d._get_default_group(), {})
+    return counts, groups.to_global(range(groups.world_size))
 
 
 def next_instance(groups: ProcessGroups) -> int:
     """The instance number the next :class:`Gossip` over ``groups`` gets (ranks check they agree on it)."""
-    return _instances.get(_world_key(groups), 0)
+    counts, world = _counts(groups)
+    return counts.get(world, 0)
 
 
 class Shadow(IntEnum):
@@ -127,9 +131,9 @@ class Gossip:
         self.pair_transport = pair_transport
         self.instance = 0
         if groups is not None:
-            key = _world_key(groups)
-            self.instance = _instances.get(key, 0)
-            _instances[key] = self.instance + 1
+            counts, world = _counts(groups)
+            self.instance = counts.get(world, 0)
+            counts[world] = self.instance + 1
         self.tag = self.instance << _TAG_BITS
         self.round = 0  # rounds launched: the next launch is round self.round
         self._stats = CommStats()

@@ -42,11 +42,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
+from .comm import WeakGroup
 from .mixing import compressed_mix_, compressed_pair_mix_, group_mix_sent_, pair_mix_sent_, quantize, scale_for_sum
 from .topo import Group
 
@@ -98,8 +99,16 @@ class Transport(ABC):
 
     def __init__(self, group: Group, rank: int, pg: dist.ProcessGroup | None, peer: int | None = None,
                  tag: int = 0, wire_dtype: torch.dtype | None = None, pg_back: dist.ProcessGroup | None = None) -> None:
-        self.group, self.rank, self.pg, self.peer, self.tag, self.wire_dtype = group, rank, pg, peer, tag, wire_dtype
-        self.pg_back = pg_back
+        self.group, self.rank, self.peer, self.tag, self.wire_dtype = group, rank, peer, tag, wire_dtype
+        self._pg, self._pg_back = WeakGroup(pg), WeakGroup(pg_back)
+
+    @property
+    def pg(self) -> dist.ProcessGroup | None:
+        return cast("dist.ProcessGroup | None", self._pg.get())
+
+    @property
+    def pg_back(self) -> dist.ProcessGroup | None:
+        return cast("dist.ProcessGroup | None", self._pg_back.get())
 
     @abstractmethod
     def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0,

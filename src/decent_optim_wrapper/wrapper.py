@@ -8,7 +8,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,18 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.optim import Optimizer
 
 from .buckets import Bucket, build_buckets, check_bucket_cap, check_params, check_views, describe_params
-from .comm import Checks, Failure, GossipError, ProcessGroups, agree, as_timeout, digest32, global_rank, wait_all
+from .comm import (
+    Checks,
+    Failure,
+    GossipError,
+    ProcessGroups,
+    WeakGroup,
+    agree,
+    as_timeout,
+    digest32,
+    global_rank,
+    wait_all,
+)
 from .gossip import CommStats, Gossip, Shadow, next_instance
 from .reinit import build_lr_scheduler, build_optimizer, validate_lr_scheduler_config
 from .topo import Schedule, Topology, TopologyFactory
@@ -88,7 +99,7 @@ class DecentOptimWrapper(Optimizer, Joinable):
         Joinable.__init__(self)  # the Join configuration: off outside a Join
         self._join_work: dist.Work | None = None
         self._rank, self._world_size, error = _resolve_rank_and_world_size(rank, world_size, process_group)
-        self._pg = process_group
+        self._pg_ref = WeakGroup(process_group)
         # Every argument is checked before the first collective; a problem on one rank is shared with all
         # of them, so every rank raises the same ValueError and none is left waiting.
         checks = Checks(error)
@@ -225,6 +236,11 @@ class DecentOptimWrapper(Optimizer, Joinable):
         """Give every rank the first rank's values (rank 0 of the process group)."""
         for b in buckets:
             dist.broadcast(b.flat, src=global_rank(self._pg, 0), group=self._pg)
+
+    @property
+    def _pg(self) -> dist.ProcessGroup | None:
+        """The gossip world's process group (``None``: the default group), held weakly (see ``comm.WeakGroup``)."""
+        return cast("dist.ProcessGroup | None", self._pg_ref.get())
 
     def _bucketed(self) -> set[int]:
         """Identities of the parameters already in buckets."""
