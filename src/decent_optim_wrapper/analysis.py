@@ -200,9 +200,9 @@ def time_round_work(numel: int, group_size: int, wire_bytes: int = 4, repeats: i
 
     Runs the kernels of :mod:`~decent_optim_wrapper.mixing` that the transport gloo picks for a group of
     ``group_size`` (:func:`~decent_optim_wrapper.transport.choose`) would run, on one thread; the median of
-    ``repeats``. A full-precision pair mixes once (2 passes); a compressed pair rounds its values and applies
-    the correction (4 more passes, two of them converting): on CPU hosts that is the difference between the
-    two wire dtypes that no byte count shows.
+    ``repeats``. A full-precision round copies what it sends and applies ``mix(sent, peers) + (x - sent)``
+    (5 passes); a compressed pair rounds its values and applies the correction (4 passes, two of them
+    converting): on CPU hosts that is the difference between the two wire dtypes that no byte count shows.
     """
     if group_size < 2 or numel < 1 or repeats < 1:
         raise ValueError(f"Invalid group_size={group_size}, numel={numel} or repeats={repeats}: "
@@ -217,10 +217,14 @@ def time_round_work(numel: int, group_size: int, wire_bytes: int = 4, repeats: i
     x = torch.randn(numel, generator=gen)
     peer = torch.randn(numel, generator=gen)
     slots = [peer.to(torch.bfloat16 if compressed else torch.float32) for _ in range(k)]
+    sent = torch.empty_like(x)
 
     def pair() -> None:
-        for a, b in spans(x):
-            mixing.pair_mix_(x[a:b], peer[a:b], c)
+        parts = spans(x)
+        for a, b in parts:
+            sent[a:b].copy_(x[a:b])
+        for a, b in parts:
+            mixing.pair_mix_sent_(x[a:b], sent[a:b], peer[a:b], c)
 
     def pair_compressed() -> None:
         parts = spans(x)
@@ -230,7 +234,8 @@ def time_round_work(numel: int, group_size: int, wire_bytes: int = 4, repeats: i
             mixing.compressed_pair_mix_(x[a:b], slots[0][a:b], slots[1][a:b], c)
 
     def group() -> None:
-        mixing.group_mix_(x, mixing.scale_for_sum(x, c, slots[0]), c, c)
+        sent.copy_(x)
+        mixing.group_mix_sent_(x, sent, mixing.scale_for_sum(sent, c, slots[0]), c, c)
 
     def group_compressed() -> None:
         mixing.compressed_mix_(x, mixing.quantize(x, slots[0]), slots, c)
