@@ -12,7 +12,10 @@ two-connection exchange, on a core per rank there, scaled by the ranks per core 
 CPU time to prepare and apply a round from the package's own kernels timed here on one core at the run's model
 size (``analysis.time_round_work``; rounding to bf16 and the symmetric correction are most of a compressed
 round's CPU cost), scaled the same way. Nothing is fitted to the figures it predicts. Prints predicted against
-measured time per iteration and the error; writes JSON with ``--out``.
+measured time per iteration and the error; writes JSON with ``--out``, each row with the kernel times it used
+(``round_work_ms``). ``--round-work FILE`` takes those times from such a file instead of timing the kernels
+again: the predictions are then a pure function of the committed measurements (tests/test_analysis.py checks
+the published validation that way, independent of how busy the machine running it is).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import json
 import os
 from pathlib import Path
 
-from decent_optim_wrapper.analysis import Network, measure_round_work, predict_ddp, predict_gossip
+from decent_optim_wrapper.analysis import Network, predict_ddp, predict_gossip, time_round_work
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,7 +38,10 @@ def host_cost(loopback: Path, ranks_per_core: float) -> float:
     return big["p2p"] / moved * ranks_per_core
 
 
-def check(summary: Path, loopback: Path, cores: int) -> list[dict[str, object]]:
+def check(summary: Path, loopback: Path, cores: int,
+          recorded: dict[str, dict[str, float]] | None = None) -> list[dict[str, object]]:
+    """Rows of predicted against measured time per iteration; ``recorded``: the kernel times (ms, by group size
+    and wire bytes, ``"2x4"``) per run to use instead of timing them."""
     d = json.loads(summary.read_text())
     cfg, results = d["config"], {r["method"]: r for r in d["results"]}
     hosts, local = cfg["hosts"], cfg["procs_per_host"]
@@ -45,8 +51,16 @@ def check(summary: Path, loopback: Path, cores: int) -> list[dict[str, object]]:
     compute = results["local"]["iter_ms"] * 1e-3
     step = results["local"].get("inner_ms", 0.0) * 1e-3  # runs recorded before the breakdown existed: 0
     net = Network(bandwidth=cfg["measured_rate"] / 8, host_s_per_byte=host_cost(loopback, n / cores))
-    work = measure_round_work(int(model_bytes) // 4, scale=n / cores)  # float32 parameters
     name = summary.parent.name  # the run's directory, e.g. lm-2x2-1gbit: unique where settings repeat
+    times: dict[str, float] = dict(recorded[name]) if recorded is not None else {}
+
+    def work(k: int, wire_bytes: int) -> float:
+        """Seconds to prepare and apply a round of group size k (timed once, float32 parameters)."""
+        key = f"{k}x{wire_bytes}"
+        if key not in times:
+            times[key] = time_round_work(int(model_bytes) // 4, k, wire_bytes) * (n / cores) * 1e3
+        return times[key] * 1e-3
+
     rows = []
     for method, r in results.items():
         if method == "local":
@@ -60,6 +74,8 @@ def check(summary: Path, loopback: Path, cores: int) -> list[dict[str, object]]:
         measured = r["iter_ms"] * 1e-3
         rows.append({"run": name, "method": method, "measured_ms": measured * 1e3, "predicted_ms": pred * 1e3,
                      "error": pred / measured - 1.0})
+    for row in rows:
+        row["round_work_ms"] = dict(times)
     return rows
 
 
@@ -69,10 +85,14 @@ def main() -> None:
     parser.add_argument("--loopback", type=Path, default=HERE / "results" / "pairwise" / "loopback.json")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores the cluster runs shared")
     parser.add_argument("--out", type=Path, help="write the rows as JSON")
+    parser.add_argument("--round-work", type=Path, help="take the kernel times from this --out file, not timing them")
     args = parser.parse_args()
     if args.cores < 1:
         parser.error(f"--cores must be >= 1, got {args.cores}")
-    rows = [row for s in args.summaries for row in check(s, args.loopback, args.cores)]
+    recorded = None
+    if args.round_work is not None:
+        recorded = {str(r["run"]): r["round_work_ms"] for r in json.loads(args.round_work.read_text())}
+    rows = [row for s in args.summaries for row in check(s, args.loopback, args.cores, recorded)]
     print(f"{'run':<28}{'method':<22}{'measured ms':>12}{'predicted ms':>14}{'error':>8}")
     for r in rows:
         print(f"{r['run']:<28}{r['method']:<22}{r['measured_ms']:>12.1f}{r['predicted_ms']:>14.1f}"

