@@ -21,7 +21,7 @@ from harness import RankFailure, run_ranks
 from decent_optim_wrapper import DecentOptimWrapper, GossipError
 from decent_optim_wrapper.ddp import DecentralizedDataParallel
 
-TIMEOUT = 3.0  # seconds a rank waits for its peers in these cases
+TIMEOUT = 1.5  # seconds a rank waits for its peers in these cases (their models are tiny, their steps take ms)
 
 
 def _net(extra_layer: bool = False) -> torch.nn.Module:
@@ -80,15 +80,23 @@ def _one_rank_alone(rank: int, world_size: int, topology: str, what: str) -> str
     return _outcome(run)
 
 
-@pytest.mark.parametrize("topology,world_size", [("complete", 3), ("ring", 4), ("one-peer-exp", 4)])
-@pytest.mark.parametrize("what", ["global_avg", "consensus_distance", "reduce_metrics", "skip_last_step"])
+def _slow_unless(*fast: tuple[str, int, str]) -> list:
+    """Every (topology, world size, what): most wait out the 1.5 s timeout somewhere, so the fast lane keeps a
+    global operation and a skipped step, and the rest run in the full suite."""
+    cases = [(t, n, w) for t, n in [("complete", 3), ("ring", 4), ("one-peer-exp", 4)]
+             for w in ["global_avg", "consensus_distance", "reduce_metrics", "skip_last_step"]]
+    return [pytest.param(*c, marks=() if c in fast else pytest.mark.slow) for c in cases]
+
+
+@pytest.mark.parametrize("topology,world_size,what", _slow_unless(("complete", 3, "global_avg"),
+                                                                  ("ring", 4, "skip_last_step")))
 def test_a_rank_doing_something_else_fails_every_rank_cleanly(topology: str, world_size: int, what: str) -> None:
-    # Before the control plane, complete at 3 ranks aborted a rank with SIGABRT (gloo's size check) here.
-    t0 = time.monotonic()
-    results = run_ranks(_one_rank_alone, world_size, topology, what, timeout=60, pg_timeout_s=60)
+    # Before the control plane, complete at 3 ranks aborted a rank with SIGABRT (gloo's size check) here. Every
+    # rank fails with a message of the stamps or of its own 1.5 s timeout (the process group's is 120 s: the harness's
+    # 60 s bound would fail the test first, so no wall-clock check is needed on top).
+    results = run_ranks(_one_rank_alone, world_size, topology, what, timeout=60, pg_timeout_s=120)
     _assert_every_rank(results, ("GossipError", r"did (a gossip round|a global operation)|did not complete within "
-                                                r"3 s|out of step"))
-    assert time.monotonic() - t0 < 40
+                                                r"1.5 s|out of step"))
 
 
 def _different_bucket_order(rank: int, world_size: int) -> str:
@@ -145,12 +153,10 @@ def _one_rank_raises(rank: int, world_size: int) -> str:
 
 
 def test_a_rank_that_raises_makes_its_peers_fail_within_the_timeout() -> None:
-    t0 = time.monotonic()
-    results = run_ranks(_one_rank_raises, 4, timeout=60, pg_timeout_s=60)
+    results = run_ranks(_one_rank_raises, 4, timeout=60, pg_timeout_s=120)
     assert results[2].startswith("KeyError")
-    for rank in (0, 1, 3):
-        assert results[rank].startswith("GossipError:"), results[rank]
-    assert time.monotonic() - t0 < 30
+    for rank in (0, 1, 3):  # the 1.5 s timeout of the wrapper, not the process group's 120 s
+        assert results[rank].startswith("GossipError:") and "within 1.5 s" in results[rank], results[rank]
 
 
 def _hung_with_tiny_timeout(rank: int, world_size: int) -> str:
@@ -164,7 +170,7 @@ def _hung_with_tiny_timeout(rank: int, world_size: int) -> str:
         # send then fails on the closed connection instead of rank 1 returning.
         dist.barrier()
         if rank == 1:
-            time.sleep(6)
+            time.sleep(2)  # far longer than the 1 ms rank 0 waits for it
             return
         _step(model, opt, rank, 1)
         _step(model, opt, rank, 2)
@@ -175,8 +181,7 @@ def _hung_with_tiny_timeout(rank: int, world_size: int) -> str:
 def test_a_sub_millisecond_timeout_is_honoured_not_replaced() -> None:
     # 0.4 ms rounds up to gloo's 1 ms resolution; it used to become the process group's 20 s
     results = run_ranks(_hung_with_tiny_timeout, 2, timeout=60, pg_timeout_s=20)
-    assert "within 0.001 s" in results[0], results[0]
-    assert float(re.search(r"\[(\d+\.\d)s\]", results[0]).group(1)) < 3
+    assert "within 0.001 s" in results[0], results[0]  # the wait that failed had the 1 ms timeout, not 20 s
     assert results[1].startswith("ok")
 
 
@@ -313,7 +318,7 @@ def _reference_with_write(case: str, n: int, write: bool = True) -> list[torch.T
                            lambda r, t, x: x - LR * (r + 1), wire, writes)
 
 
-@pytest.mark.parametrize("how", ["p.data", "no_grad"])
+@pytest.mark.parametrize("how", ["p.data", pytest.param("no_grad", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", sorted(WRITE_CASES))
 def test_a_write_between_two_steps_survives_and_peers_mix_what_was_sent(case: str, how: str) -> None:
     n = 40

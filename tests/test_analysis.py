@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decent_optim_wrapper.analysis import analyze, mixing_matrix
+from decent_optim_wrapper.analysis import main as analysis_main
 from decent_optim_wrapper.topo import TopologyFactory, TorusTopology
 
 BUILTINS = ["ring", "complete", "one-peer-exp", "alternating-exp-ring", "torus"]
@@ -258,19 +260,18 @@ def _predicted(stdout: str) -> dict[tuple[str, str], list[str]]:
 
 
 def test_cost_model_cli_covers_large_world_sizes() -> None:
-    out = subprocess.run([sys.executable, "-m", "decent_optim_wrapper.analysis", "predict", "--model-mb", "13.3",
-                          "--compute-ms", "241", "--bandwidth", "957mbit", "--world-sizes", "8", "4096",
-                          "--topologies", "ring", "one-peer-exp"], capture_output=True, text=True, timeout=120)
+    args = ("predict", "--model-mb", "13.3", "--compute-ms", "241", "--bandwidth", "957mbit", "--world-sizes", "8",
+            "4096", "--topologies", "ring", "one-peer-exp")
+    out = _cli(*args)
     assert out.returncode == 0, out.stderr
     lines = _predicted(out.stdout)
     assert float(lines[("4096", "ddp")][3]) == 1.0
     assert float(lines[("4096", "one-peer-exp")][3]) < 1.0
     # --measure-apply adds this machine's time to prepare and apply a round to gossip (DDP has none); a
     # compute-bound setting so that it shows
-    measured = subprocess.run(out.args + ["--compute-ms", "500", "--measure-apply"], capture_output=True, text=True,
-                              timeout=120)
+    measured = _cli(*args, "--compute-ms", "500", "--measure-apply")
     assert measured.returncode == 0, measured.stderr
-    plain = subprocess.run(out.args + ["--compute-ms", "500"], capture_output=True, text=True, timeout=120)
+    plain = _cli(*args, "--compute-ms", "500")
     ms = {k: float(row[2]) for k, row in _predicted(measured.stdout).items()}
     base = {k: float(row[2]) for k, row in _predicted(plain.stdout).items()}
     assert ms[("8", "ddp")] == base[("8", "ddp")]

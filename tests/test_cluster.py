@@ -21,12 +21,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import cluster  # noqa: E402  (benchmarks/ is not a package)
 import cluster_compare  # noqa: E402
 
+# one xdist worker for every test of the harness: "no namespace is left" must not see another test's cluster
+pytestmark = pytest.mark.xdist_group("cluster")
+
 ok, why = cluster.can_create_namespaces()
 needs_namespaces = pytest.mark.skipif(not ok, reason=f"cannot create network namespaces: {why}")
 
 COMPARE = [sys.executable, str(ROOT / "benchmarks" / "cluster_compare.py")]
 
 
+@pytest.mark.slow  # a fresh interpreter running the harness
 def test_help_says_it_needs_root() -> None:
     out = subprocess.run(COMPARE + ["--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
@@ -70,6 +74,7 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 @needs_namespaces
 @pytest.mark.timeout(60)
 def test_links_are_shaped_to_the_rate_asked_for_and_everything_is_removed() -> None:
@@ -93,6 +98,7 @@ def test_links_are_shaped_to_the_rate_asked_for_and_everything_is_removed() -> N
     assert _ours(os.getpid()) == []
 
 
+@pytest.mark.slow
 @needs_namespaces
 @pytest.mark.timeout(300)
 def test_toy_comparison_runs_every_method_over_the_shaped_links(tmp_path: Path) -> None:
@@ -189,6 +195,7 @@ def _assert_gone_soon(pid: int, out: Path, within: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 @needs_namespaces
 @pytest.mark.timeout(200)
 def test_killed_harness_leaves_no_namespaces_or_processes(tmp_path: Path) -> None:
@@ -203,6 +210,7 @@ def test_killed_harness_leaves_no_namespaces_or_processes(tmp_path: Path) -> Non
     _assert_gone_soon(proc.pid, out)
 
 
+@pytest.mark.slow
 @needs_namespaces
 @pytest.mark.timeout(200)
 def test_ctrl_c_tears_down_and_exits_nonzero(tmp_path: Path) -> None:
@@ -214,6 +222,7 @@ def test_ctrl_c_tears_down_and_exits_nonzero(tmp_path: Path) -> None:
     _assert_gone_soon(proc.pid, out)
 
 
+@pytest.mark.slow  # a fresh interpreter running the harness
 @needs_namespaces
 @pytest.mark.timeout(60)
 def test_without_net_admin_it_says_so_and_exits_nonzero() -> None:

@@ -15,6 +15,8 @@ import torch
 from elastic_worker import parse, train
 from harness import run_ranks
 
+pytestmark = pytest.mark.slow  # torchrun jobs, restarted after a kill
+
 WORKER = Path(__file__).with_name("elastic_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from harness import run_ranks
 
@@ -35,6 +36,7 @@ def _log(before: str = "", after: str = "") -> list[str]:
     return lines[:-1]
 
 
+@pytest.mark.slow  # five fresh interpreters, each importing torch
 def test_the_log_is_off_by_default_and_an_enable_before_the_import_survives_it() -> None:
     assert _log() == []
     expected = [

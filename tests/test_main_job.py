@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_main_job_runs_every_method_and_writes_its_outputs(tmp_path: Path) -> None:
     out = tmp_path / "results"

@@ -17,3 +17,13 @@ def test_the_lightning_module_without_lightning_names_the_extra_to_install() -> 
     assert last == ('ImportError: decent_optim_wrapper.lightning needs Lightning, an optional dependency: install '
                     'the "lightning" extra (pip install "decent-optim-wrapper[lightning]"; in a checkout: uv sync '
                     '--extra lightning) or lightning>=2.6 itself')
+
+
+def test_core_package_does_not_import_lightning() -> None:
+    # Every module of the core package is imported in this process (which never imports Lightning itself).
+    import decent_optim_wrapper
+    from decent_optim_wrapper import analysis, ddp, launch, optim, reinit  # noqa: F401
+
+    assert decent_optim_wrapper.DecentOptimWrapper is not None
+    lightning = ("lightning", "pytorch_lightning", "lightning_fabric", "lightning_utilities", "finetuning_scheduler")
+    assert not [m for m in sys.modules if m.split(".")[0] in lightning]

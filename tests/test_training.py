@@ -68,8 +68,9 @@ def _second_half(rank: int, world_size: int, topology: str, stop: int, total: in
 
 
 @pytest.mark.parametrize("topology,stop,load_model_first,device", [
-    ("ring", 3, False, "cpu"), ("ring", 4, True, "cpu"), ("one-peer-exp", 5, False, "cpu"),
-    ("complete", 2, True, "cpu"),
+    ("ring", 3, False, "cpu"), pytest.param("ring", 4, True, "cpu", marks=pytest.mark.slow),
+    pytest.param("one-peer-exp", 5, False, "cpu", marks=pytest.mark.slow),
+    pytest.param("complete", 2, True, "cpu", marks=pytest.mark.slow),
     pytest.param("ring", 3, False, "cuda", marks=CUDA), pytest.param("complete", 2, True, "cuda", marks=CUDA),
 ])
 def test_resume_is_bit_for_bit(tmp_path: Path, topology: str, stop: int, load_model_first: bool, device: str) -> None:

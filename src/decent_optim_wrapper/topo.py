@@ -440,7 +440,8 @@ class TorusTopology(Topology):
 
     Rank ``i*C + j`` sits at row ``i``, column ``j``. Rounds first run the ring schedule along every row at
     once, then along every column: each worker averages with one of its four grid neighbours per round.
-    A prime world size gives a ``1 x n`` grid, i.e. a ring.
+    A line of two (a column of a ``2 x C`` grid) is one round, not the two a ring of two repeats. A prime world
+    size gives a ``1 x n`` grid, i.e. a ring.
     """
 
     @staticmethod
