@@ -60,19 +60,30 @@ def mix_round(groups: Sequence[RefGroup], sent: list[torch.Tensor], current: lis
 
 
 def train(rounds: list[list[RefGroup]], start: list[torch.Tensor], steps: int, update, wire: torch.dtype | None = None,
-          after_step=None) -> list[torch.Tensor]:
-    """D-PSGD as ``DecentOptimWrapper`` runs it, ``steps`` steps and then ``finish()``: each step applies the
-    previous round, takes the local update ``update(rank, step, x) -> x`` and launches round ``step``;
-    ``after_step(step, xs)`` may change values between steps (a write while the round is in flight)."""
+          after_step=None, max_delay: int = 1, gossip_every: int = 1,
+          record: list[list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
+    """D-PSGD as ``DecentOptimWrapper`` runs it, ``steps`` steps and then ``finish()``.
+
+    Step ``s`` applies the rounds due at ``s``, takes the local update ``update(rank, s, x) -> x``, and, every
+    ``gossip_every`` steps, launches the next round with a copy of the values, due at step
+    ``s + gossip_every * max_delay``; ``after_step(s, xs)`` may change values between steps (a write while a round
+    is in flight). ``finish()`` applies every round still in flight, oldest first. ``record`` gets every rank's
+    values at the end of each step."""
     x = [t.double().clone() for t in start]
-    sent: list[torch.Tensor] | None = None
-    for t in range(steps + 1):  # the last pass is finish(): apply only
-        if sent is not None:
-            x = mix_round(rounds[(t - 1) % len(rounds)], sent, x, wire)
-        if t == steps:
-            break
-        x = [update(r, t, xi) for r, xi in enumerate(x)]
-        sent = [xi.clone() for xi in x]
+    flight: list[tuple[int, int, list[torch.Tensor]]] = []  # (due step, round, what was sent)
+    launched = 0
+    for s in range(steps):
+        while flight and flight[0][0] <= s:
+            _, r, sent = flight.pop(0)
+            x = mix_round(rounds[r % len(rounds)], sent, x, wire)
+        x = [update(rank, s, xi) for rank, xi in enumerate(x)]
+        if (s + 1) % gossip_every == 0:
+            flight.append((s + gossip_every * max_delay, launched, [xi.clone() for xi in x]))
+            launched += 1
         if after_step is not None:
-            x = after_step(t, x)
+            x = after_step(s, x)
+        if record is not None:
+            record.append([xi.clone() for xi in x])
+    for _, r, sent in flight:
+        x = mix_round(rounds[r % len(rounds)], sent, x, wire)
     return x

@@ -14,6 +14,7 @@ from harness import RankFailure, run_ranks
 from decent_optim_wrapper import DecentOptimWrapper
 from decent_optim_wrapper.buckets import build_buckets
 from decent_optim_wrapper.comm import GossipError, ProcessGroups
+from decent_optim_wrapper.config import GossipConfig
 from decent_optim_wrapper.gossip import Gossip
 from decent_optim_wrapper.topo import Group, Schedule, Topology, TopologyFactory
 
@@ -129,11 +130,12 @@ def _weighted_rounds(rank: int, world_size: int, pair_transport: str) -> list[fl
     # pairs keep 3/4 of themselves; then a group of three keeps 1/2 and takes 1/4 from each other member
     schedule = Schedule(4, [[Group((0, 1), 0.75), Group((2, 3), 0.75)], [Group((0, 1, 2), 0.5), Group((3,))]])
     p = torch.nn.Parameter(torch.full((5,), 4.0 * rank))
-    gossip = Gossip(schedule, rank, build_buckets([p], 1.0), ProcessGroups(None), pair_transport=pair_transport)
+    gossip = Gossip(schedule, rank, build_buckets([p], 1.0), ProcessGroups(None),
+                    GossipConfig(pair_transport=pair_transport))
     seen = []
     for _ in range(2):
-        gossip.launch()
-        gossip.apply()
+        gossip.end_step()  # launches the round (every step does)
+        gossip.finish()
         seen.append(p[0].item())
     return seen
 
@@ -223,8 +225,10 @@ def _resumed_at_another_round(rank: int, world_size: int) -> str:
         model(torch.randn(2, 4)).sum().backward()
         opt.step()
     sd = opt.state_dict()
-    if rank == 0:
-        sd["decent_optim_wrapper"]["round"] = 6  # rank 0 loads a checkpoint from another step
+    if rank == 0:  # rank 0 loads a checkpoint from another step: round and step 6, round 5 in flight
+        own = sd["decent_optim_wrapper"]
+        own["round"] = own["step"] = 6
+        own["inflight"] = [dict(r, round=5, due=6) for r in own["inflight"]]
     opt.load_state_dict(sd)
     for _ in range(4):
         model(torch.randn(2, 4)).sum().backward()

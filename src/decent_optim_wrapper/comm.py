@@ -129,19 +129,21 @@ _REASONS = {
 @dataclass(frozen=True)
 class Stamp:
     """What a rank is doing: ``op`` (an :class:`Op`), its ``round``, element count and a fingerprint
-    ``ident`` of what it averages (which buckets, which operation), and ``failed`` (a :class:`Failure`)."""
+    ``ident`` of what it averages (which buckets, which operation), ``failed`` (a :class:`Failure`), and its
+    ``step`` (which differs from the round when rounds are launched every few steps)."""
 
     op: int
     round: int
     numel: int
     ident: int
     failed: int = Failure.NONE
+    step: int = 0
 
     def values(self) -> list[int]:
-        return [self.op, self.round, self.numel, self.ident, self.failed]
+        return [self.op, self.round, self.numel, self.ident, self.failed, self.step]
 
 
-_N = 5  # fields in a stamp
+_N = 6  # fields in a stamp
 
 
 class StampExchange:
@@ -198,6 +200,10 @@ class StampExchange:
         if lo.round != s.round or hi.round != s.round:
             return (f"out of step: the ranks took different numbers of steps{rounds}. Every rank must call step() "
                     f"the same number of times and resume from the same step. {UNEVEN_HINT}")
+        if lo.step != s.step or hi.step != s.step:
+            at = f"step {lo.step}" if lo.step == hi.step else f"steps {lo.step} to {hi.step}"
+            return (f"out of step: the ranks took different numbers of steps (this rank at step {s.step}, {others} "
+                    f"at {at}). Every rank must call step() the same number of times. {UNEVEN_HINT}")
         if lo.ident != s.ident or hi.ident != s.ident:
             return (f"{others} averaged different buckets or did another operation in round {s.round} (ranks "
                     "launched their buckets in different orders, or hold different models).")

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from .buckets import check_bucket_cap
 from .comm import Checks, ProcessGroups, agree, digest32, wait_all
+from .config import GossipConfig, LowRank
 from .gossip import Shadow
 from .wrapper import DecentOptimWrapper, _revert_flag
 
@@ -55,6 +56,8 @@ class DecentralizedDataParallel(nn.Module, Joinable):
         timeout: seconds a bucket's averaging may wait for its peers (see ``DecentOptimWrapper``; default 5
             minutes).
         process_group: gossip among this group's members only (default: the world).
+        wire_dtype, compression, max_delay, gossip_every: as for ``DecentOptimWrapper`` (one
+            :class:`~decent_optim_wrapper.config.GossipConfig` for every bucket).
     """
 
     def __init__(self, model: nn.Module, optim_fn: OPTIM_FN_TYPE, lr_scheduler_fn: LR_SCHEDULER_FN_TYPE | None = None,
@@ -62,7 +65,8 @@ class DecentralizedDataParallel(nn.Module, Joinable):
                  sync_buffer_in_global_avg: bool = False, bucket_size_in_mb: float = 25,
                  local_world_size: int | None = None, timeout: float | None = None,
                  process_group: torch.distributed.ProcessGroup | None = None,
-                 wire_dtype: torch.dtype | None = None) -> None:
+                 wire_dtype: torch.dtype | None = None, *, compression: LowRank | None = None, max_delay: int = 1,
+                 gossip_every: int = 1) -> None:
         super().__init__()
         Joinable.__init__(self)  # the Join configuration: off outside a Join
         self._join_work: Any = None
@@ -75,6 +79,10 @@ class DecentralizedDataParallel(nn.Module, Joinable):
             checks.run(_check_callable, "lr_scheduler_fn", lr_scheduler_fn, "lr_scheduler_fn(optimizer) -> scheduler")
         checks.run(_check_grad_clip_norm, grad_clip_norm)
         checks.run(check_bucket_cap, bucket_size_in_mb, "bucket_size_in_mb")
+        # every bucket is one wrapper's single bucket (bucket_cap_mb inf); the rest is checked here, once
+        config = checks.run(lambda: GossipConfig(
+            topology=topology, local_world_size=local_world_size, bucket_cap_mb=float("inf"), timeout=timeout,
+            wire_dtype=wire_dtype, compression=compression, max_delay=max_delay, gossip_every=gossip_every))
         self.module = model
         self._scaler = scaler
         self._grad_clip_norm = float(grad_clip_norm) if checks.error is None else 0.0
@@ -105,9 +113,7 @@ class DecentralizedDataParallel(nn.Module, Joinable):
         self._optimizers: list[DecentOptimWrapper] = []
         self._schedulers: list[Any] = []
         for inner in inners:
-            wrapper = DecentOptimWrapper(inner, local_world_size=local_world_size, topology=topology,
-                                         bucket_cap_mb=float("inf"), timeout=timeout, process_group=process_group,
-                                         wire_dtype=wire_dtype)
+            wrapper = DecentOptimWrapper(inner, process_group=process_group, config=config)
             self._optimizers.append(wrapper)
             self._schedulers.append(lr_scheduler_fn(wrapper) if lr_scheduler_fn is not None else None)
         self._bucket_params: list[list[Tensor]] = [[p for _, p in chunk] for chunk in chunks]

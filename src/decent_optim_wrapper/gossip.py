@@ -1,8 +1,13 @@
-"""The life of gossip rounds: one object owns the round counter, the round in flight, the copy held around
-global averaging, and what a checkpoint needs to resume them.
+"""The life of gossip rounds: one object owns the step and round counters, the rounds in flight, the copy held
+around global averaging, and what a checkpoint needs to resume them.
 
-Round ``t`` of the schedule is launched by :meth:`Gossip.launch` (non-blocking) and applied by the next
-:meth:`Gossip.apply`, which waits for it. :meth:`Gossip.average_globally` sets the round in flight aside and
+Each ``step()`` of a facade calls :meth:`Gossip.begin_step` (apply the rounds due now) and, after the local
+update, :meth:`Gossip.end_step`, which launches a round (non-blocking) every ``gossip_every`` steps. A round
+launched at the end of step ``s`` is due at the start of step ``s + gossip_every * max_delay``: with the
+defaults (1, 1) the next step applies it, decent-optim-wrapper 0.1's order; a larger ``max_delay`` lets its
+transfer overlap that many forward/backward passes and optimizer steps, with up to ``max_delay`` rounds in flight,
+each with buffers of its own. Rounds are applied at their due step exactly, never earlier, so the trajectory does
+not depend on how fast the network was. :meth:`Gossip.average_globally` sets the rounds in flight aside and
 :meth:`Gossip.revert` puts everything back, so training continues as if global averaging never happened.
 :meth:`Gossip.state_dict` describes the run as :meth:`revert` would restore it.
 
@@ -27,8 +32,8 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
 from enum import IntEnum
+from functools import partial
 from typing import Any
 
 import torch
@@ -37,6 +42,7 @@ from loguru import logger
 
 from .buckets import Bucket
 from .comm import Failure, GossipError, Op, ProcessGroups, Stamp, StampExchange, digest32, global_rank, wait_all
+from .config import GossipConfig
 from .topo import Group, Schedule
 from .transport import Piece, Transport, choose
 
@@ -88,10 +94,12 @@ class _InFlight:
     each transport the buckets it sent (to find what was sent, for a checkpoint)."""
 
     index: int
+    due: int  # the step at whose start it is applied
     group: Group
     pieces: list[Piece]
     stamp: StampExchange | None
     parts: list[tuple[Transport, list[int]]] = field(default_factory=list)
+    lane: int = 0  # which set of buffers it uses (one per round that can be in flight)
     settled: bool = False  # communication complete and checked; the result waits in the buffers
 
     @property
@@ -104,8 +112,17 @@ class _Held:
     """What :meth:`Gossip.average_globally` replaced, kept until :meth:`Gossip.revert`."""
 
     flats: list[torch.Tensor]
-    pending: _InFlight | None
+    inflight: list[_InFlight]
     extras: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
+class _Resume:
+    """A round that was in flight at a checkpoint: launched again, from what it sent then, before it is due."""
+
+    index: int
+    due: int
+    sent: dict[int, torch.Tensor]  # bucket index -> what it sent (left out: what a copy of the bucket gives)
 
 
 class Gossip:
@@ -115,20 +132,18 @@ class Gossip:
         schedule: the validated schedule (every rank holds the same one).
         rank: this rank in the gossip world (the parent process group of ``groups``).
         buckets: the parameter buckets; more can be added with :meth:`add_buckets`.
-        groups: the gossip world's process groups.
-        wire_dtype: dtype the values travel in (``None``: the buckets' own, full precision).
-        timeout: how long a wait may block before :class:`GossipError` (``None``: the process group's).
-        check_rounds: exchange stamps (see the module docstring); off, nothing guards against ranks out of step.
-        pair_transport: ``"auto"``, ``"p2p"`` or ``"allreduce"`` for full-precision pairs (see
-            :func:`~decent_optim_wrapper.transport.choose`).
+        groups: the gossip world's process groups (``None``: a world of one rank).
+        config: how rounds travel and when (``wire_dtype``, ``pair_transport``, ``check_rounds``, ``timeout``,
+            ``max_delay``, ``gossip_every``); see :class:`~decent_optim_wrapper.config.GossipConfig`.
     """
 
-    def __init__(self, schedule: Schedule, rank: int, buckets: list[Bucket], groups: ProcessGroups | None, *,
-                 wire_dtype: torch.dtype | None = None, timeout: timedelta | None = None,
-                 check_rounds: bool = True, pair_transport: str = "auto") -> None:
-        self.schedule, self.rank, self.buckets, self.groups = schedule, rank, buckets, groups
-        self.wire_dtype, self.timeout, self.check_rounds = wire_dtype, timeout, check_rounds
-        self.pair_transport = pair_transport
+    def __init__(self, schedule: Schedule, rank: int, buckets: list[Bucket], groups: ProcessGroups | None,
+                 config: GossipConfig | None = None) -> None:
+        config = config if config is not None else GossipConfig()
+        self.schedule, self.rank, self.buckets, self.groups, self.config = schedule, rank, buckets, groups, config
+        self.wire_dtype, self.timeout, self.check_rounds = config.wire_dtype, config.timeout_delta, config.check_rounds
+        self.pair_transport = config.pair_transport
+        self.max_delay, self.gossip_every = config.max_delay, config.gossip_every
         self.instance = 0
         if groups is not None:
             counts, world = _counts(groups)
@@ -136,13 +151,13 @@ class Gossip:
             counts[world] = self.instance + 1
         self.tag = self.instance << _TAG_BITS
         self.round = 0  # rounds launched: the next launch is round self.round
+        self.step = 0  # steps begun and ended: the next end_step() ends step self.step
         self._stats = CommStats()
-        self._pending: _InFlight | None = None
-        self._relaunch = False  # resumed with a round in flight: run it again before applying
-        self._resend: dict[int, torch.Tensor] | None = None  # ...sending these (bucket index -> what was sent)
+        self._inflight: list[_InFlight] = []  # launched, not applied yet; oldest first
+        self._resume: list[_Resume] = []  # resumed from a checkpoint with these in flight: launch them again first
         self._announced: tuple[torch.Tensor, dist.Work] | None = None  # the last announcement, in Join mode
         self._held: _Held | None = None
-        self._buffers: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self._buffers: dict[tuple[int, int, torch.dtype, int], torch.Tensor] = {}
         self._active = self._active_ids()
         # Every group this rank belongs to, with its process groups created now (never mid-training): a
         # full-precision transport, and one for the buckets that travel compressed.
@@ -152,14 +167,14 @@ class Gossip:
         for t in range(schedule.period):
             group = schedule.group(rank, t)
             if group.size > 1 and (group.ranks, False) not in self._transports:
-                for compressed in (False, True) if wire_dtype is not None else (False,):
+                for compressed in (False, True) if self.wire_dtype is not None else (False,):
                     self._transports[group.ranks, compressed] = self._make_transport(group, compressed)
             logger.debug("rank {} round {}: group {} weight {}", rank, t, list(group.ranks), group.self_weight)
 
     @classmethod
-    def alone(cls, schedule: Schedule, buckets: list[Bucket]) -> Gossip:
+    def alone(cls, schedule: Schedule, buckets: list[Bucket], config: GossipConfig | None = None) -> Gossip:
         """A gossip world of one rank: no process group, nothing ever sent."""
-        return cls(schedule, 0, buckets, None)
+        return cls(schedule, 0, buckets, None, config)
 
     # ------------------------------------------------------------------ public state
     @property
@@ -169,8 +184,18 @@ class Gossip:
 
     @property
     def pending(self) -> bool:
-        """Whether a launched round waits to be applied (or to be re-run after a resume)."""
-        return self._pending is not None or self._relaunch
+        """Whether a launched round waits to be applied (or to be launched again after a resume)."""
+        return bool(self._inflight or self._resume)
+
+    @property
+    def in_flight(self) -> int:
+        """How many launched rounds wait to be applied."""
+        return len(self._inflight) + len(self._resume)
+
+    @property
+    def launches_now(self) -> bool:
+        """Whether the step being taken ends by launching a round (every ``gossip_every`` steps)."""
+        return (self.step + 1) % self.gossip_every == 0
 
     @property
     def held(self) -> bool:
@@ -186,21 +211,46 @@ class Gossip:
         self.buckets.extend(buckets)
 
     # ------------------------------------------------------------------ rounds
-    def launch(self, failed: Failure = Failure.NONE) -> None:
-        """Start round :attr:`round` without blocking, then count it.
+    def begin_step(self) -> list[int]:
+        """At the start of a step: apply the rounds due now (waiting for them), oldest first; their indices."""
+        self._launch_resumed()
+        applied = []
+        while self._inflight and self._inflight[0].due <= self.step:
+            applied.append(self._apply(self._inflight.pop(0)))
+        return applied
 
-        ``failed`` sends only the stamp, so that the peers learn at once why this rank stops; the caller then
-        raises.
+    def end_step(self, failed: Failure = Failure.NONE) -> None:
+        """At the end of a step: launch a round if this step launches one (see :attr:`launches_now`), then count
+        the step. ``failed``: launch nothing but tell this round's peers why this rank stops (the caller raises)."""
+        if failed or self.launches_now:
+            self.launch(due=self.step + self.gossip_every * self.max_delay, failed=failed)
+        if not failed:
+            self.step += 1
+
+    def finish(self) -> list[int]:
+        """Apply every round in flight now (blocking); their indices."""
+        self._launch_resumed()
+        applied = []
+        while self._inflight:
+            applied.append(self._apply(self._inflight.pop(0)))
+        return applied
+
+    def launch(self, due: int, failed: Failure = Failure.NONE, resend: dict[int, torch.Tensor] | None = None) -> None:
+        """Start round :attr:`round` without blocking, to be applied at the start of step ``due``; count it.
+
+        ``failed`` sends only the stamp, so that the peers learn at once why this rank stops. ``resend``: a round
+        resumed from a checkpoint, sending what it sent then (bucket index -> values; left out: a copy of the
+        bucket as it is).
         """
-        if self._pending is not None:
-            raise RuntimeError("Gossip.launch() while a round is in flight; apply() it first.")
+        if len(self._inflight) >= self.max_delay and not failed:
+            raise RuntimeError(f"internal error: round {self.round} launched with {len(self._inflight)} in flight "
+                               f"(max_delay={self.max_delay})")
         if _ORPHANS:
             prune_orphans()
         t = self.round
         self.round += 1
         group = self.schedule.group(self.rank, t)
         ids = self._active_ids()
-        resend, self._resend = self._resend, None
         if group.size == 1 or not ids:
             return
         stamp = None
@@ -208,7 +258,7 @@ class Gossip:
             flats = [self.buckets[i].flat for i in ids]
             numel = sum(f.numel() for f in flats)
             ident = digest32(self.instance, [(str(f.dtype), f.numel()) for f in flats])
-            stamp = self._stamp(Stamp(Op.ROUND, t, numel, ident, failed), group)
+            stamp = self._stamp(Stamp(Op.ROUND, t, numel, ident, failed, self.step), group)
             if ids != self._active and not failed:
                 # The buckets changed (a thaw): the peers must agree before data of another size moves.
                 stamp.verify(self.timeout, f"round {t} with ranks {list(group.ranks)} (after a thaw)")
@@ -218,6 +268,8 @@ class Gossip:
                 _ORPHANS.append((stamp.works, []))
             return
         self._active = ids
+        lane = t % self.max_delay
+        buffer = partial(self._buffer, lane=lane)
         pieces: list[Piece] = []
         parts: list[tuple[Transport, list[int]]] = []
         sent = 0
@@ -226,65 +278,65 @@ class Gossip:
             if part:
                 transport = self._transports[group.ranks, compressed]
                 flats = [self.buckets[i].flat for i in part]
-                if resend is not None:  # a round resumed from a checkpoint: what it sent then, not a new copy
-                    for i, flat, buf in zip(part, flats, transport.sent(part, self._buffer, flats)):
+                if resend is not None:  # what it sent then, not a new copy
+                    for i, flat, buf in zip(part, flats, transport.sent(part, buffer, flats)):
                         if i in resend:
                             buf.copy_(resend[i])
                         else:  # the checkpoint left it out: it was what a copy of the bucket gives
                             transport.snapshot(flat, buf)
-                pieces += transport.launch(flats, part, self._buffer, tag=len(pieces), resend=resend is not None)
+                pieces += transport.launch(flats, part, buffer, tag=len(pieces), resend=resend is not None)
                 parts.append((transport, part))
                 sent += transport.bytes_sent(flats)
         self._stats = replace(self._stats, rounds=self._stats.rounds + 1, bytes_sent=self._stats.bytes_sent + sent)
-        self._pending = _InFlight(t, group, pieces, stamp, parts)
+        self._inflight.append(_InFlight(t, due, group, pieces, stamp, parts, lane))
 
     def fail(self, code: Failure) -> None:
-        """Tell this round's peers that this rank failed (see :meth:`launch`); the round in flight is abandoned."""
-        pending, self._pending, self._relaunch = self._pending, None, False
-        if pending is not None and not pending.settled:
-            _ORPHANS.append((pending.works + (pending.stamp.works if pending.stamp else []), []))
-        self.launch(failed=code)
+        """Tell the next round's peers that this rank failed; the rounds in flight are abandoned."""
+        for pending in self._inflight:
+            if not pending.settled:
+                _ORPHANS.append((pending.works + (pending.stamp.works if pending.stamp else []), []))
+        self._inflight, self._resume = [], []
+        self.end_step(failed=code)
 
-    def apply(self) -> None:
-        """Wait for the round in flight and write its result into the buckets, piece by piece: a piece is mixed
-        as soon as it has arrived, while the next ones are still on their way."""
-        pending = self._relaunched()
-        if pending is None:
-            return
+    def _apply(self, pending: _InFlight) -> int:
+        """Wait for a round and write its result into the buckets, piece by piece: a piece is mixed as soon as it
+        has arrived, while the next ones are still on their way."""
         if not pending.settled and pending.stamp is not None:
             with self._waiting(pending) as what:
                 pending.stamp.verify(self.timeout, what)
-        self._pending = None
         for piece in pending.pieces:
             if not pending.settled:
                 with self._waiting(pending) as what:
                     self._wait_data(piece.works, what)
             piece.mix()
+        return pending.index
 
-    def _relaunched(self) -> _InFlight | None:
-        """The round in flight, launched again first if this rank resumed with it in flight."""
-        if self._relaunch:
-            self._relaunch = False
-            self.round -= 1
-            self.launch()
-        return self._pending
+    def _launch_resumed(self) -> None:
+        """Launch again the rounds that were in flight at the checkpoint this rank resumed from."""
+        if self._resume:
+            resume, self._resume = self._resume, []
+            end = self.round
+            for r in resume:
+                self.round = r.index
+                self.launch(r.due, resend=r.sent)
+            self.round = end
 
-    def _settle(self) -> _InFlight | None:
-        """Wait for the round in flight (re-running it first after a resume) and check it; keep it."""
-        self._relaunched()
+    def _settle(self) -> list[_InFlight]:
+        """Wait for every round in flight (launching resumed ones first) and check them; keep them."""
+        self._launch_resumed()
         return self._drain()
 
-    def _drain(self) -> _InFlight | None:
-        """Wait for the round in flight and check its stamp; keep it."""
-        pending = self._pending
-        if pending is None or pending.settled:
-            return pending
-        with self._waiting(pending) as what:
-            if pending.stamp is not None:
-                pending.stamp.verify(self.timeout, what)
-            self._wait_data(pending.works, what)
-        pending.settled = True
-        return pending
+    def _drain(self) -> list[_InFlight]:
+        """Wait for every round in flight and check its stamp; keep them."""
+        for pending in list(self._inflight):
+            if pending.settled:
+                continue
+            with self._waiting(pending) as what:
+                if pending.stamp is not None:
+                    pending.stamp.verify(self.timeout, what)
+                self._wait_data(pending.works, what)
+            pending.settled = True
+        return list(self._inflight)
 
     @contextmanager
     def _waiting(self, pending: _InFlight) -> Iterator[str]:
@@ -294,7 +346,7 @@ class Gossip:
         try:
             yield f"averaging round {pending.index} with ranks {list(pending.group.ranks)}"
         except GossipError:
-            self._pending = None
+            self._inflight = []
             raise
         finally:
             self._stats = replace(self._stats, wait_s=self._stats.wait_s + time.perf_counter() - start)
@@ -322,14 +374,14 @@ class Gossip:
         """
         tensors = [b.flat for b in self.buckets] + extras
         self.agree_global("global_avg", _layout(tensors))
-        pending = self._settle()
+        inflight = self._settle()
         if may_revert and self._held is None:
-            self._held = _Held([b.flat.clone() for b in self.buckets], pending, [(t, t.clone()) for t in extras])
-        self._pending = None
+            self._held = _Held([b.flat.clone() for b in self.buckets], inflight, [(t, t.clone()) for t in extras])
+        self._inflight = []
         self._mean(tensors, "global_avg")
 
     def revert(self) -> None:
-        """Undo :meth:`average_globally`: the parameters, ``extras`` and the round in flight come back."""
+        """Undo :meth:`average_globally`: the parameters, ``extras`` and the rounds in flight come back."""
         held = self._held
         if held is None:
             raise RuntimeError("revert_global_avg() has nothing to revert: call global_avg(may_revert=True) first, "
@@ -340,7 +392,7 @@ class Gossip:
                 b.flat.copy_(saved)
             for t, saved in held.extras:
                 t.copy_(saved)
-        self._pending = held.pending
+        self._inflight = held.inflight
 
     def drop_held(self) -> bool:
         """Forget what :meth:`average_globally` held (training goes on from the average); whether there was any."""
@@ -379,12 +431,11 @@ class Gossip:
         """
         if self.groups is None:
             return
-        stamp = self._stamp(Stamp(Op.GLOBAL, self.round, 0, digest32(what, detail), failed), None)
-        pending = self._pending
-        if pending is not None and not pending.settled and pending.stamp is not None \
-                and pending.group.size == self.groups.world_size:
-            with self._waiting(pending) as label:
-                pending.stamp.verify(self.timeout, label)
+        stamp = self._stamp(Stamp(Op.GLOBAL, self.round, 0, digest32(what, detail), failed, self.step), None)
+        for pending in self._inflight:
+            if not pending.settled and pending.stamp is not None and pending.group.size == self.groups.world_size:
+                with self._waiting(pending) as label:
+                    pending.stamp.verify(self.timeout, label)
         stamp.verify(self.timeout, f"{what} at round {self.round}")
 
     def barrier(self, what: str) -> None:
@@ -453,42 +504,55 @@ class Gossip:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
-        """The round counter, whether a round was in flight, and the buckets, as :meth:`revert` would leave them;
-        and ``"sent"``, what the round in flight sent of the buckets where that is not what a copy of them gives
-        now (they were written since), so that resuming sends the very same values."""
+        """The round and step counters, the buckets, and the rounds in flight, as :meth:`revert` would leave them.
+
+        ``"inflight"`` lists each round in flight (its index, the step it is due at) with what it sent of the
+        buckets where that is not what a copy of them gives now (they were written since, or local steps ran
+        since: ``max_delay > 1``), so that resuming sends the very same values. ``"pending"`` says whether any is
+        in flight, and ``"sent"`` repeats the first round's, as decent-optim-wrapper 0.2's first checkpoints had.
+        """
         held = self._held
         flats = list(held.flats) if held is not None else [b.flat for b in self.buckets]
-        pending = held.pending if held is not None else self._pending
-        state: dict[str, Any] = {"round": self.round, "pending": pending is not None or self._relaunch,
-                                 "buckets": flats}
-        sent = self._resend if self._relaunch else self._sent_since_written(pending, flats)
-        if sent:
-            state["sent"] = dict(sent)
+        inflight = held.inflight if held is not None else self._inflight
+        rounds: list[dict[str, Any]] = [{"round": r.index, "due": r.due, "sent": r.sent} for r in self._resume] + [
+            {"round": r.index, "due": r.due, "sent": self._sent_since_written(r, flats)} for r in inflight]
+        state: dict[str, Any] = {"round": self.round, "step": self.step, "pending": bool(rounds), "buckets": flats,
+                                 "inflight": rounds}
+        if rounds and rounds[0]["sent"]:
+            state["sent"] = dict(rounds[0]["sent"])
         return state
 
-    def _sent_since_written(self, pending: _InFlight | None, flats: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    def _sent_since_written(self, pending: _InFlight, flats: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         out: dict[int, torch.Tensor] = {}
-        for transport, ids in pending.parts if pending is not None else []:
+        buffer = partial(self._buffer, lane=pending.lane)
+        for transport, ids in pending.parts:
             mine = [flats[i] for i in ids]
-            for i, flat, sent in zip(ids, mine, transport.sent(ids, self._buffer, mine)):
+            for i, flat, sent in zip(ids, mine, transport.sent(ids, buffer, mine)):
                 if not torch.equal(sent, transport.snapshot(flat, torch.empty_like(sent))):
                     out[i] = sent
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (already validated by the caller): a round that was in flight is run
-        again on the next :meth:`apply`, sending what it sent then, which reproduces its result exactly."""
+        """Resume from :meth:`state_dict` (already validated by the caller): the rounds that were in flight are
+        launched again on the next step, sending what they sent then, which reproduces their results exactly.
+        A state dict of decent-optim-wrapper 0.1/0.2 (``"pending"`` and no ``"inflight"``) has one round in flight
+        at most, due at the next step."""
         # Whatever was in flight belongs to the run being replaced, but its messages must land before its buffers
         # are used again (and gloo must never see an in-flight point-to-point operation destroyed).
         self._drain()
-        self._pending, self._held = None, None
+        self._inflight, self._held = [], None
         with torch.no_grad():
             for b, t in zip(self.buckets, state.get("buckets") or []):
                 b.flat.copy_(t)
         self.round = int(state["round"])
-        self._relaunch = bool(state["pending"]) and self.round > 0
-        sent = state.get("sent")
-        self._resend = {int(i): t for i, t in sent.items()} if self._relaunch and sent else None
+        self.step = int(state.get("step", self.round))
+        rounds = state.get("inflight")
+        if rounds is None:  # the older form: one round at most, launched at the end of the last step
+            sent = state.get("sent") or {}
+            rounds = [{"round": self.round - 1, "due": self.step, "sent": sent}] \
+                if state["pending"] and self.round > 0 else []
+        self._resume = [_Resume(int(r["round"]), int(r["due"]), {int(i): t for i, t in (r.get("sent") or {}).items()})
+                        for r in rounds]
 
     # ------------------------------------------------------------------ helpers
     def _active_ids(self) -> list[int]:
@@ -550,8 +614,9 @@ class Gossip:
             pg, pg_back = (pg, back) if self.rank < min(r for r in group.ranks if r != self.rank) else (back, pg)
         return cls(group, self.rank, pg, peer, self.tag, wire, pg_back)
 
-    def _buffer(self, i: int, slot: int, dtype: torch.dtype) -> torch.Tensor:
-        key = (i, slot, dtype)
+    def _buffer(self, i: int, slot: int, dtype: torch.dtype, lane: int = 0) -> torch.Tensor:
+        """Buffer ``slot`` of bucket ``i`` for the rounds of ``lane`` (one lane per round that can be in flight)."""
+        key = (i, slot, dtype, lane)
         buf = self._buffers.get(key)
         if buf is None:
             flat = self.buckets[i].flat
@@ -561,10 +626,10 @@ class Gossip:
     def __del__(self) -> None:
         # gloo breaks every later exchange between two ranks if an in-flight point-to-point Work is destroyed,
         # so a round still in flight when its owner goes away is kept alive until it completes.
-        pending = getattr(self, "_pending", None)
-        if pending is not None and not pending.settled:
+        inflight = [p for p in getattr(self, "_inflight", []) if not p.settled]
+        if inflight:
             try:
-                works = pending.works + (pending.stamp.works if pending.stamp is not None else [])
+                works = [w for p in inflight for w in p.works + (p.stamp.works if p.stamp is not None else [])]
                 _ORPHANS.append((works, list(self._buffers.values()) + [b.flat for b in self.buckets]))
             except Exception:  # interpreter shutdown: module globals may already be gone
                 pass

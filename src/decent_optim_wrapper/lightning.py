@@ -27,6 +27,7 @@ import os
 import sys
 from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -54,10 +55,9 @@ except ModuleNotFoundError as exc:
 from loguru import logger
 from torch.optim import Optimizer
 
-from .buckets import check_bucket_cap
-from .comm import as_timeout
-from .topo import Topology, TopologyFactory
-from .wrapper import DecentOptimWrapper, check_flag, check_wire_dtype
+from .config import GossipConfig, LowRank
+from .topo import Topology
+from .wrapper import DecentOptimWrapper
 
 __all__ = ["DecentralizedStrategy", "rank_file"]
 
@@ -83,10 +83,11 @@ class DecentralizedStrategy(DDPStrategy):
         topology: a registered topology name (``TopologyFactory.available()``) or a ``Topology`` subclass.
         bucket_cap_mb: largest parameter bucket, in MiB.
         timeout: seconds (or a ``timedelta``) a step waits for its peers before raising ``GossipError``;
-            default the process group's timeout.
+            default 5 minutes.
         check_rounds: send each round's number with its data to catch ranks that step a different number of
             times.
-        wire_dtype: compressed gossip (e.g. ``torch.bfloat16``), passed to ``DecentOptimWrapper`` when given.
+        wire_dtype, compression, max_delay, gossip_every: as for ``DecentOptimWrapper`` (see
+            :class:`~decent_optim_wrapper.config.GossipConfig`, which holds them all and checks them here).
         process_group_timeout: timeout of the process group Lightning creates (``DDPStrategy``'s ``timeout``).
         start_method: how Lightning starts the processes, as for ``DDPStrategy``: ``"popen"`` (the script is
             run once per rank; also what ``torchrun`` and cluster launchers use), ``"spawn"``, ``"fork"``,
@@ -105,6 +106,9 @@ class DecentralizedStrategy(DDPStrategy):
         timeout: float | timedelta | None = None,
         check_rounds: bool = True,
         wire_dtype: torch.dtype | None = None,
+        compression: LowRank | None = None,
+        max_delay: int = 1,
+        gossip_every: int = 1,
         process_group_timeout: timedelta | None = default_pg_timeout,
         start_method: str = "popen",
         accelerator: Accelerator | None = None,
@@ -114,7 +118,10 @@ class DecentralizedStrategy(DDPStrategy):
         precision_plugin: Precision | None = None,
         process_group_backend: str | None = None,
     ) -> None:
-        self._wrapper_kwargs = _validated_wrapper_kwargs(topology, bucket_cap_mb, timeout, check_rounds, wire_dtype)
+        self._gossip_config = _validated_config(topology, bucket_cap_mb=bucket_cap_mb, timeout=timeout,
+                                                check_rounds=check_rounds, wire_dtype=wire_dtype,
+                                                compression=compression, max_delay=max_delay,
+                                                gossip_every=gossip_every)
         self._topology_name = topology if isinstance(topology, str) else topology.__name__
         self._gossip_active = False  # wrappers exist and train: from setup() in fit to on_train_end()
         self._train_started = False  # on_train_start() was reached: a later checkpoint load is a mid-fit restore
@@ -205,8 +212,8 @@ class DecentralizedStrategy(DDPStrategy):
             logger.debug("rank {}: optimizer replaced by {}; wrapper kept at round {}",
                          self.global_rank, type(optimizer).__name__, owner.round)
             return owner
-        wrapper = DecentOptimWrapper(optimizer, local_world_size=self.num_processes or None,
-                                     **self._wrapper_kwargs)
+        wrapper = DecentOptimWrapper(optimizer, config=replace(self._gossip_config,
+                                                               local_world_size=self.num_processes or None))
         self._known_params[id(wrapper)] = _param_ids(wrapper)
         logger.debug("rank {}/{}: {} wrapped in DecentOptimWrapper (topology {})", self.global_rank,
                      self.world_size, type(optimizer).__name__, self._topology_name)
@@ -500,22 +507,13 @@ def _resolve_link(path: _PATH) -> str:
     return os.path.realpath(path) if "://" not in path and os.path.islink(path) else path
 
 
-def _validated_wrapper_kwargs(topology: Any, bucket_cap_mb: Any, timeout: Any, check_rounds: Any,
-                              wire_dtype: Any) -> dict[str, Any]:
-    """Check the strategy's arguments where they are given (the wrappers are only built in the rank processes),
-    with the wrapper's own checks."""
-    if isinstance(topology, str):
-        if topology not in TopologyFactory.available():
-            raise ValueError(f"Invalid topology={topology!r}. Registered topologies: {TopologyFactory.available()}.")
-    elif not (isinstance(topology, type) and issubclass(topology, Topology)):
+def _validated_config(topology: Any, **gossip: Any) -> GossipConfig:
+    """The strategy's gossip arguments as one validated configuration (the wrappers are only built in the rank
+    processes; a mistake shows where the strategy is built)."""
+    if not isinstance(topology, str) and not (isinstance(topology, type) and issubclass(topology, Topology)):
         raise ValueError(f"Invalid topology={topology!r}. Must be a registered name or a Topology subclass (each rank "
                          "builds its own instance).")
-    check_bucket_cap(bucket_cap_mb)
-    as_timeout(timeout)
-    check_flag("check_rounds", check_rounds)
-    check_wire_dtype(wire_dtype)
-    return {"topology": topology, "bucket_cap_mb": bucket_cap_mb, "timeout": timeout, "check_rounds": check_rounds,
-            "wire_dtype": wire_dtype}
+    return GossipConfig(topology=topology, **gossip)
 
 
 def _register_with_finetuning_scheduler() -> None:

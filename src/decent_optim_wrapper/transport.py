@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import WeakGroup
+from .config import PAIR_TRANSPORTS
 from .mixing import compressed_mix_, compressed_pair_mix_, group_mix_sent_, pair_mix_sent_, quantize, scale_for_sum
 from .topo import Group
 
@@ -57,7 +58,6 @@ __all__ = ["Transport", "Piece", "PIECE", "P2PPair", "AllReduceSum", "P2PPairCom
 # A buffer of the gossip state: (bucket index, slot, dtype) -> tensor the size of the bucket.
 BufferFn = Callable[[int, int, torch.dtype], torch.Tensor]
 
-PAIR_TRANSPORTS = ("auto", "p2p", "allreduce")
 # Elements per piece of a pair's bucket on the CPU (see the module docstring; measured in benchmarks/README.md).
 PIECE = 1 << 19
 # The largest group that gathers compressed values; larger ones all-reduce in full precision (fewer bytes).

@@ -16,7 +16,7 @@ from loguru import logger
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.optim import Optimizer
 
-from .buckets import Bucket, build_buckets, check_bucket_cap, check_params, check_views, describe_params
+from .buckets import Bucket, build_buckets, check_params, check_views, describe_params
 from .comm import (
     Checks,
     Failure,
@@ -24,15 +24,14 @@ from .comm import (
     ProcessGroups,
     WeakGroup,
     agree,
-    as_timeout,
     digest32,
     global_rank,
     wait_all,
 )
+from .config import GossipConfig, LowRank
 from .gossip import CommStats, Gossip, Shadow, next_instance
 from .reinit import build_lr_scheduler, build_optimizer, validate_lr_scheduler_config
 from .topo import Schedule, Topology, TopologyFactory
-from .transport import PAIR_TRANSPORTS
 
 __all__ = ["DecentOptimWrapper"]
 
@@ -77,6 +76,15 @@ class DecentOptimWrapper(Optimizer, Joinable):
             raise on this rank, naming which of the two produced them, and make its peers raise a
             ``GossipError`` that names it, before the values spread (costs two reductions and, on CUDA, two host
             synchronisations per step).
+        compression: ``LowRank(rank=r)``: pairs exchange rank-``r`` factors of the difference of their matrices
+            (PowerGossip) instead of the matrices; default ``None``.
+        max_delay: a round launched after step ``t`` is applied at step ``t + max_delay * gossip_every``: its
+            transfer overlaps that many forward/backward passes and optimizer steps. 1 (the default) is
+            decent-optim-wrapper 0.1's order, bit for bit.
+        gossip_every: launch a round every this many steps; the steps in between are local.
+        config: all of the gossip arguments above (and ``topology``, ``local_world_size``,
+            ``bucket_cap_mb``) as one :class:`~decent_optim_wrapper.config.GossipConfig`, instead of giving them
+            one by one (the facades share it).
     """
 
     def __init__(
@@ -94,6 +102,10 @@ class DecentOptimWrapper(Optimizer, Joinable):
         wire_dtype: torch.dtype | None = None,
         pair_transport: str = "auto",
         check_finite: bool = False,
+        compression: LowRank | None = None,
+        max_delay: int = 1,
+        gossip_every: int = 1,
+        config: GossipConfig | None = None,
     ) -> None:
         self._init_optimizer_hooks()
         Joinable.__init__(self)  # the Join configuration: off outside a Join
@@ -107,45 +119,45 @@ class DecentOptimWrapper(Optimizer, Joinable):
         if checks.run(_check_optimizer, optimizer):
             params = [p for g in optimizer.param_groups for p in g["params"]]
         self._optimizer = optimizer
-        self._timeout = checks.run(as_timeout, timeout)
-        self._local_world_size = checks.run(_resolve_local_world_size, local_world_size) or 1
-        checks.run(check_bucket_cap, bucket_cap_mb)
+        given = {"topology": topology, "local_world_size": local_world_size, "bucket_cap_mb": bucket_cap_mb,
+                 "timeout": timeout, "check_rounds": check_rounds, "wire_dtype": wire_dtype,
+                 "pair_transport": pair_transport, "check_finite": check_finite, "compression": compression,
+                 "max_delay": max_delay, "gossip_every": gossip_every}
+        cfg: GossipConfig = checks.run(_config, config, given) or GossipConfig()  # defaults: the error is shared
+        self._config = cfg
+        self._timeout = cfg.timeout_delta
+        self._local_world_size = checks.run(_resolve_local_world_size, cfg.local_world_size) or 1
         checks.run(check_params, params)
-        checks.run(check_flag, "check_rounds", check_rounds)
-        checks.run(check_flag, "check_finite", check_finite)
-        checks.run(check_wire_dtype, wire_dtype)
-        checks.run(_check_pair_transport, pair_transport)
-        self._topology: Topology | None = checks.run(_make_topology, topology, self._rank, self._world_size,
+        self._topology: Topology | None = checks.run(_make_topology, cfg.topology, self._rank, self._world_size,
                                                      self._local_world_size)
         schedule: Schedule | None = checks.run(self._topology.schedule) if self._topology is not None else None
-        self._bucket_cap_mb = bucket_cap_mb
-        self._check_finite = bool(check_finite)
+        self._bucket_cap_mb = cfg.bucket_cap_mb
+        self._check_finite = cfg.check_finite
 
         groups = ProcessGroups(process_group) if self._world_size > 1 else None
         if groups is not None:
             agree(groups, self._rank, "constructing DecentOptimWrapper", checks.error, {
                 "schedule": (schedule.digest() if schedule else "", "built different topology schedules",
                              "a custom topology must depend on nothing but rank, world_size and local_world_size"),
-                "layout": (digest32(describe_params(params), bucket_cap_mb), "hold different parameter layouts",
+                "layout": (digest32(describe_params(params), cfg.bucket_cap_mb), "hold different parameter layouts",
                            "every rank must build the same model and optimizer, with parameters in the same "
                            "order, shapes, dtypes and requires_grad, and the same bucket_cap_mb"),
-                "options": ((str(wire_dtype), bool(check_rounds), pair_transport, next_instance(groups)),
-                            "use different options", "wire_dtype, check_rounds and pair_transport must be equal on "
-                            "every rank, and every rank must have built as many wrappers before this one"),
+                "options": ((cfg.agreed(), next_instance(groups)), "use different options",
+                            "wire_dtype, check_rounds, pair_transport, compression, max_delay and gossip_every must "
+                            "be equal on every rank, and every rank must have built as many wrappers before this "
+                            "one"),
             })  # the process group's timeout: ranks reach construction seconds apart (loading data, models)
         elif checks.error is not None:
             raise ValueError(checks.error)
         if schedule is None:  # unreachable: a missing schedule comes with an error, raised above
             raise RuntimeError("internal error: no schedule and no error")
         self._schedule = schedule
-        self._buckets: list[Bucket] = build_buckets(params, bucket_cap_mb)
+        self._buckets: list[Bucket] = build_buckets(params, cfg.bucket_cap_mb)
         if groups is not None:
             self._broadcast_from_rank0(self._buckets)
-            self._gossip = Gossip(schedule, self._rank, self._buckets, groups, wire_dtype=wire_dtype,
-                                  timeout=self._timeout, check_rounds=bool(check_rounds),
-                                  pair_transport=pair_transport)
+            self._gossip = Gossip(schedule, self._rank, self._buckets, groups, cfg)
         else:
-            self._gossip = Gossip.alone(schedule, self._buckets)
+            self._gossip = Gossip.alone(schedule, self._buckets, cfg)
         logger.debug(
             "rank {}/{}: topology {} with period {}, {} bucket(s)",
             self._rank, self._world_size, self.topology.name, schedule.period, len(self._buckets),
@@ -279,26 +291,27 @@ class DecentOptimWrapper(Optimizer, Joinable):
         self._announce(Shadow.STEP)
         self._thaw_buckets()
         self._check_views()
-        gossip.apply()
-        if self._check_finite:
-            self._check_parameters_finite(f"mixing in the averaging of round {gossip.round - 1}")
+        applied = gossip.begin_step()
+        if self._check_finite and applied:
+            self._check_parameters_finite(f"mixing in the averaging of round {applied[-1]}")
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step(wrapper)
         if found_inf is None:
             loss = self._optimizer.step() if closure is None else self._optimizer.step(closure)
         else:
             loss = self._amp_inner_step(getattr(self, "grad_scale", None), found_inf)
         if self._check_finite:
-            self._check_parameters_finite(f"the local update of round {gossip.round}")
-        self._launch()
+            self._check_parameters_finite(f"the local update of step {gossip.step}")
+        self._end_step()
         return loss
 
-    def _launch(self) -> None:
-        """Launch this round's averaging (after the inner optimizer's ``pre_average_hook``, if it has one)."""
+    def _end_step(self) -> None:
+        """End the step: launch this step's round if it has one (after the inner optimizer's
+        ``pre_average_hook``, if it has one)."""
         hook = getattr(self._optimizer, "pre_average_hook", None)
-        if callable(hook):
+        if callable(hook) and self._gossip.launches_now:
             group = self._schedule.group(self._rank, self._gossip.round)
             hook(group, group.self_weight)
-        self._gossip.launch()
+        self._gossip.end_step()
 
     def finish(self) -> None:
         """Apply the averaging in flight now (blocking), so that nothing is left to send or receive.
@@ -317,7 +330,7 @@ class DecentOptimWrapper(Optimizer, Joinable):
 
     def _finish(self) -> None:
         self._check_views()
-        self._gossip.apply()
+        self._gossip.finish()
         self._settle_join()
 
     def _settle_join(self) -> None:
@@ -571,10 +584,10 @@ class DecentOptimWrapper(Optimizer, Joinable):
 
     def _shadow_op(self, op: Shadow, arg: int, module: torch.nn.Module | None) -> None:
         gossip = self._gossip
-        if op == Shadow.STEP:  # the round, with the parameters as they are: no gradient, no local update
+        if op == Shadow.STEP:  # the step's rounds, with the parameters as they are: no gradient, no local update
             self._check_views()
-            gossip.apply()
-            self._launch()
+            gossip.begin_step()
+            self._end_step()
         elif op == Shadow.GLOBAL_AVG:
             if arg & 2 and module is None:
                 self._cannot_shadow("global_avg", "; for global_avg(module=...), give the module to the Join: "
@@ -666,15 +679,27 @@ class DecentOptimWrapper(Optimizer, Joinable):
                     or [(t.shape, t.dtype) for t in saved] != layout:
                 raise ValueError(f"Invalid {where}['buckets']: they differ from this wrapper's parameter buckets "
                                  "(another model, parameter order or bucket_cap_mb).")
-        sent = own.get("sent")
-        if sent is not None:
-            wire = self._gossip.wire_dtype
-            if not isinstance(sent, dict) or not all(
-                    isinstance(i, int) and 0 <= i < len(self._buckets) and isinstance(t, torch.Tensor)
-                    and t.shape == self._buckets[i].flat.shape and t.dtype in (self._buckets[i].flat.dtype, wire)
-                    for i, t in sent.items()):
-                raise ValueError(f"Invalid {where}['sent']: must map bucket indices to what the round in flight sent "
+        step = own.get("step", r)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"Invalid {where}['step']={step!r}. Must be an integer >= 0.")
+        inflight = own.get("inflight", [])
+        if not isinstance(inflight, list) or len(inflight) > self._config.max_delay or not all(
+                isinstance(f, dict) and isinstance(f.get("round"), int) and isinstance(f.get("due"), int)
+                for f in inflight):
+            raise ValueError(f"Invalid {where}['inflight']: must list at most max_delay={self._config.max_delay} "
+                             "rounds in flight as state_dict() wrote them (saved with another max_delay?).")
+        for what, sent in [("sent", own.get("sent"))] + [(f"inflight][{k}]['sent", f.get("sent"))
+                                                           for k, f in enumerate(inflight)]:
+            if sent is not None and not self._valid_sent(sent):
+                raise ValueError(f"Invalid {where}['{what}']: must map bucket indices to what a round in flight sent "
                                  "of them, as state_dict() wrote it (same buckets, same wire_dtype).")
+
+    def _valid_sent(self, sent: Any) -> bool:
+        wire = self._gossip.wire_dtype
+        return isinstance(sent, dict) and all(
+            isinstance(i, int) and 0 <= i < len(self._buckets) and isinstance(t, torch.Tensor)
+            and t.shape == self._buckets[i].flat.shape and t.dtype in (self._buckets[i].flat.dtype, wire)
+            for i, t in sent.items())
 
 
 class _ShadowHook(JoinHook):
@@ -706,22 +731,6 @@ def _check_optimizer(optimizer: Any) -> bool:
     if isinstance(optimizer, DecentOptimWrapper):
         raise ValueError("Invalid optimizer: it is already a DecentOptimWrapper; wrap the inner optimizer once.")
     return True
-
-
-def check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name}={value!r}. Must be True or False.")
-
-
-def check_wire_dtype(wire_dtype: Any) -> None:
-    if wire_dtype is not None and wire_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"Invalid wire_dtype={wire_dtype!r}. Must be None, torch.bfloat16, torch.float16 or "
-                         "torch.float32.")
-
-
-def _check_pair_transport(pair_transport: Any) -> None:
-    if pair_transport not in PAIR_TRANSPORTS:
-        raise ValueError(f"Invalid pair_transport={pair_transport!r}. Must be one of {list(PAIR_TRANSPORTS)}.")
 
 
 def _resolve_rank_and_world_size(rank: Any, world_size: Any,
@@ -797,3 +806,17 @@ def _make_topology(topology: Any, rank: int, world_size: int, local_world_size: 
         f"Invalid topology={topology!r}. Must be a registered name ({TopologyFactory.available()}), "
         "a Topology subclass or a Topology instance."
     )
+
+
+def _config(config: Any, given: dict[str, Any]) -> GossipConfig:
+    """``config``, or the arguments given one by one (not both: an argument would silently lose to the other)."""
+    if config is None:
+        return GossipConfig(**given)
+    if not isinstance(config, GossipConfig):
+        raise ValueError(f"Invalid config of type {type(config).__name__}. Must be a GossipConfig or None.")
+    defaults = GossipConfig()
+    changed = [k for k, v in given.items() if k != "timeout" and v != getattr(defaults, k) or k == "timeout" and v]
+    if changed:
+        raise ValueError(f"Invalid config: give either config=GossipConfig(...) or the gossip arguments, not both "
+                         f"(also given: {changed}).")
+    return config
