@@ -15,6 +15,8 @@ step budget:
     complete, ...
     alternating-exp-ring   hierarchical: inside a host, then one peer across hosts (default when P > 1)
     <topology>+bf16        DecentOptimWrapper(..., wire_dtype=torch.bfloat16), where the package has it
+    ...+lowrank<R>         compression=LowRank(rank=R); +delay<D>: max_delay=D; +every<H>: gossip_every=H
+                           (benchmarks/gossip_methods.py), e.g. one-peer-exp+lowrank1+delay2
     local                  no communication: each rank trains alone (averaged only for evaluation)
     ddp-powersgd-r<R>      slow-link anchors (benchmarks/anchors.py): DDP + PowerSGD of rank R, torch's post-local
     localsgd-<H>           SGD averaging every H steps, DiLoCo syncing every H steps; optional settings in
@@ -48,6 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors  # noqa: E402  (sibling files, not a package)
+import gossip_methods  # noqa: E402
 from cluster import (  # noqa: E402
     Cluster,
     ClusterError,
@@ -85,14 +88,11 @@ def check_method(method: str) -> None:
 
     if method in ("ddp", "ddp-bf16", "local") or anchors.parse(method) is not None:
         return
-    base, plus, suffix = method.partition("+")
-    if base not in TopologyFactory.available():
+    if method.partition("+")[0] not in TopologyFactory.available():
         raise ValueError(f"Unknown method={method!r}. Must be ddp, ddp-bf16, local, an anchor (ddp-powersgd-r<R>, "
-                         f"localsgd-<H>, diloco-<H>) or a topology {sorted(TopologyFactory.available())}, "
-                         "optionally with '+bf16'.")
-    if plus and suffix != "bf16":
-        raise ValueError(f"Invalid method={method!r}: the only suffix is '+bf16'.")
-    if suffix == "bf16" and not has_wire_dtype():
+                         f"localsgd-<H>, diloco-<H>) or gossip: {gossip_methods.SPELLING} with a topology of "
+                         f"{sorted(TopologyFactory.available())}.")
+    if "wire_dtype" in gossip_methods.parse(method)[1] and not has_wire_dtype():
         raise ValueError(f"Invalid method={method!r}: this version of DecentOptimWrapper has no wire_dtype.")
 
 

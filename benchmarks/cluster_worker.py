@@ -27,7 +27,6 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch._dynamo  # noqa: F401  (torch.optim imports it at the first step: seconds, not training time)
@@ -35,6 +34,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors  # noqa: E402  (sibling files, not a package)
+import gossip_methods  # noqa: E402
 import workloads  # noqa: E402
 
 from decent_optim_wrapper import DecentOptimWrapper, transport  # noqa: E402
@@ -56,7 +56,7 @@ def wrap(method: str, workload: workloads.Workload, timeout_s: float, anchor: an
     model = workload.model
     if anchor is not None:
         return anchors.build(anchor, model, workload.optimizer, seed, int(os.environ["LOCAL_WORLD_SIZE"]))
-    base, _, suffix = method.partition("+")
+    base = method.partition("+")[0]
     if base in DDP_METHODS:
         model = torch.nn.parallel.DistributedDataParallel(model)
         if base == "ddp-bf16":
@@ -66,14 +66,15 @@ def wrap(method: str, workload: workloads.Workload, timeout_s: float, anchor: an
     inner = workload.optimizer(list(model.parameters()))
     if base in DDP_METHODS or base == "local":
         return model, inner, inner
-    kwargs: dict[str, Any] = {}
-    if suffix == "bf16":
-        if "wire_dtype" not in inspect.signature(DecentOptimWrapper).parameters:
-            raise ValueError(f"method {method!r} needs DecentOptimWrapper(wire_dtype=...), which this version lacks")
-        kwargs["wire_dtype"] = torch.bfloat16
-    elif suffix:
-        raise ValueError(f"Unknown method suffix in {method!r}. Must be '+bf16' or none.")
-    return model, DecentOptimWrapper(inner, topology=base, timeout=timeout_s, **kwargs), inner
+    topology, kwargs = gossip_methods.parse(method)
+    if any(k not in inspect.signature(DecentOptimWrapper).parameters for k in kwargs):
+        raise ValueError(f"method {method!r} needs DecentOptimWrapper({', '.join(kwargs)}=...), which this version "
+                         "lacks")
+    return model, DecentOptimWrapper(inner, topology=topology, timeout=timeout_s, **kwargs), inner
+
+
+def base_of(method: str) -> str:
+    return method.partition("+")[0]
 
 
 def _log(what: str) -> None:
@@ -148,6 +149,8 @@ def main() -> None:
         losses.append(loss.item())
         if progress is not None:
             os.pwrite(progress, f"{step + 1:>10}".encode(), 0)
+    if isinstance(opt, DecentOptimWrapper) and hasattr(opt, "finish"):
+        opt.finish()  # the rounds still in flight (max_delay > 1) land before the counters are read
     dist.barrier()  # every rank is done (and the last round has landed) before the counters are read
     after = _counters(ifname) if local_rank == 0 else None
     clock[a.steps] = train_s
@@ -170,7 +173,8 @@ def main() -> None:
         "iter_s": iter_s, "step_s": step_s, "inner_s": inner_s, "wait_s": wait_s, "val_loss": scored,
         "describe": wl.describe,
         # steps from one communication on the link to the next: the iteration time is a mean over whole periods
-        "period": 1 if anchor is None else anchor.period,
+        "period": anchor.period if anchor is not None else 1 if base_of(a.method) in (*DDP_METHODS, "local") else
+        gossip_methods.period(a.method),
         "setup": None if anchor is None else anchors.describe(anchor, inner),
         "param_bytes": sum(q.numel() * q.element_size() for q in params),
         "counters": None if before is None or after is None else {k: after[k] - before[k] for k in before},

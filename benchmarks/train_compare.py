@@ -11,6 +11,8 @@ download), each worker on its own shard, with AdamW and these ways of keeping th
     one-peer-exp   DecentOptimWrapper, topology "one-peer-exp"
     complete       DecentOptimWrapper, topology "complete" (parameter all-reduce every step)
     ring+bf16      the same with wire_dtype=torch.bfloat16: half the bytes on the wire (also one-peer-exp+bf16)
+    ring+lowrank4  compression=LowRank(rank=4): a pair sends rank-4 factors of its difference for each matrix
+                   (PowerGossip); any spelling of benchmarks/gossip_methods.py works, e.g. one-peer-exp+delay2
     local          no communication at all (each worker alone; averaged only for evaluation)
 
 It launches the workers itself (gloo on CPU; NCCL when every worker can have its own GPU) and writes, under
@@ -29,6 +31,7 @@ import json
 import math
 import resource
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,8 +44,20 @@ import torch.nn.functional as F
 from decent_optim_wrapper import DecentOptimWrapper
 from decent_optim_wrapper.launch import run_local, shared_counter
 
-METHODS = ["ddp", "ring", "one-peer-exp", "complete", "ring+bf16", "one-peer-exp+bf16", "local"]
-WIRE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gossip_methods  # noqa: E402  (a sibling file, not a package)
+
+METHODS = ["ddp", "ring", "one-peer-exp", "complete", "ring+bf16", "one-peer-exp+bf16", "ring+lowrank4", "local"]
+
+
+def _method(name: str) -> str:
+    """argparse type: ddp, local or a gossip spelling."""
+    if name not in ("ddp", "local"):
+        try:
+            gossip_methods.parse(name)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return name
 
 
 def load_digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,9 +112,9 @@ def _worker(rank: int, world_size: int, method: str, cfg: dict[str, Any], progre
         model = torch.nn.parallel.DistributedDataParallel(inner_model)
     adamw = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     opt: torch.optim.Optimizer = adamw
-    topology, _, wire = method.partition("+")
-    if topology in ("ring", "one-peer-exp", "complete"):
-        opt = DecentOptimWrapper(adamw, topology=topology, timeout=300, wire_dtype=WIRE.get(wire))
+    if method not in ("ddp", "local"):
+        topology, kwargs = gossip_methods.parse(method)
+        opt = DecentOptimWrapper(adamw, topology=topology, timeout=300, **kwargs)
 
     g = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
     losses, consensus, iter_times, step_times = [], [], [], []
@@ -321,7 +336,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--eval-every", type=int, default=10, help="steps between consensus measurements")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, type=_method,
+                        help=f"default: {' '.join(METHODS)}; gossip: {gossip_methods.SPELLING}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--no-progress", action="store_true")

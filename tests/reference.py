@@ -59,6 +59,29 @@ def mix_round(groups: Sequence[RefGroup], sent: list[torch.Tensor], current: lis
     return out
 
 
+def damp(rounds: list[list[RefGroup]], max_delay: int) -> list[list[RefGroup]]:
+    """The rounds with the weights they mix with when rounds span steps: a group of which ``k`` rounds can be in
+    flight at once (``k`` of the ``max_delay`` consecutive rounds ending at one of its own use it) gives its peers
+    ``(1 - w) / k`` instead of ``1 - w``."""
+    period = len(rounds)
+    k: dict[tuple[int, ...], int] = {}
+    for t, rnd in enumerate(rounds):
+        for ranks, _ in rnd:
+            key = tuple(sorted(ranks))
+            same = sum(any(tuple(sorted(r)) == key for r, _ in rounds[(t - back) % period])
+                       for back in range(max_delay))
+            k[key] = max(k.get(key, 0), same)
+    out = []
+    for rnd in rounds:
+        groups: list[RefGroup] = []
+        for ranks, weight in rnd:
+            w = 1.0 / len(ranks) if weight is None else weight
+            n = k[tuple(sorted(ranks))]
+            groups.append((ranks, weight if n == 1 else 1.0 - (1.0 - w) / n))
+        out.append(groups)
+    return out
+
+
 def train(rounds: list[list[RefGroup]], start: list[torch.Tensor], steps: int, update, wire: torch.dtype | None = None,
           after_step=None, max_delay: int = 1, gossip_every: int = 1,
           record: list[list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
@@ -69,6 +92,7 @@ def train(rounds: list[list[RefGroup]], start: list[torch.Tensor], steps: int, u
     ``s + gossip_every * max_delay``; ``after_step(s, xs)`` may change values between steps (a write while a round
     is in flight). ``finish()`` applies every round still in flight, oldest first. ``record`` gets every rank's
     values at the end of each step."""
+    rounds = damp(rounds, max_delay)
     x = [t.double().clone() for t in start]
     flight: list[tuple[int, int, list[torch.Tensor]]] = []  # (due step, round, what was sent)
     launched = 0

@@ -12,6 +12,9 @@ from harness import run_ranks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import anchors  # noqa: E402  (benchmarks/ is not a package)
 import cluster_compare  # noqa: E402
+import gossip_methods  # noqa: E402
+
+from decent_optim_wrapper import LowRank  # noqa: E402
 
 
 def test_anchor_names_parse_with_their_defaults_and_bad_ones_are_refused() -> None:
@@ -38,6 +41,21 @@ def test_anchor_names_parse_with_their_defaults_and_bad_ones_are_refused() -> No
     cluster_compare.check_method("diloco-16")
     with pytest.raises(ValueError, match="anchor"):
         cluster_compare.check_method("localsgd-x")
+
+
+def test_gossip_method_names_spell_the_wrapper_s_arguments() -> None:
+    assert gossip_methods.parse("one-peer-exp+lowrank1+delay2") == (
+        "one-peer-exp", {"compression": LowRank(rank=1), "max_delay": 2})
+    assert gossip_methods.parse("ring+bf16+every4") == ("ring", {"wire_dtype": torch.bfloat16, "gossip_every": 4})
+    assert gossip_methods.parse("torus") == ("torus", {}) and gossip_methods.period("ring+every8+delay2") == 8
+    for bad, msg in [("ring+lowrank0", "Invalid rank=0"), ("ring+delay0", "Invalid max_delay=0"),
+                     ("ring+every0", "Invalid gossip_every=0"), ("ring+fp8", "Unknown part '[+]fp8'"),
+                     ("ring+delay2+delay3", "repeats"), ("mesh+bf16", "Unknown topology 'mesh'")]:
+        with pytest.raises(ValueError, match=msg):
+            gossip_methods.parse(bad)
+    cluster_compare.check_method("one-peer-exp+lowrank1+delay2")
+    with pytest.raises(ValueError, match="Unknown method='mesh'"):
+        cluster_compare.check_method("mesh")
 
 
 def _diloco_two_syncs(rank: int, world_size: int) -> list[list[float]]:

@@ -259,7 +259,7 @@ def test_mixed_precision_clipping_and_accumulation(fork: Path, refs: list[dict])
 
 def test_arguments_registry_and_a_wrapper_from_configure_optimizers(fork: Path) -> None:
     assert (fork / "args.txt").read_text().splitlines() == [
-        "Invalid topology='nope'. Registered topologies: ['alternating-exp-ring', 'complete', 'one-peer-exp', "
+        "Unknown topology='nope'. Registered topologies: ['alternating-exp-ring', 'complete', 'one-peer-exp', "
         "'ring', 'torus'].",
         "Invalid bucket_cap_mb=0. Must be a number > 0.",
         "Invalid timeout=-1. Must be a positive number of seconds, a timedelta or None.",

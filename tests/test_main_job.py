@@ -25,7 +25,8 @@ def test_main_job_runs_every_method_and_writes_its_outputs(tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["method"]: r for r in summary["results"]}
-    assert list(rows) == ["ddp", "ring", "one-peer-exp", "complete", "ring+bf16", "one-peer-exp+bf16", "local"]
+    assert list(rows) == ["ddp", "ring", "one-peer-exp", "complete", "ring+bf16", "one-peer-exp+bf16", "ring+lowrank4",
+                          "local"]
     for method, r in rows.items():
         assert 0.3 < r["test_acc_global_avg"] <= 1.0, (method, r)  # 30 steps already beat chance (0.1)
         assert r["iter_ms"] > 0 and r["peak_rss_mib"] > 0
@@ -33,9 +34,11 @@ def test_main_job_runs_every_method_and_writes_its_outputs(tmp_path: Path) -> No
     assert rows["local"]["consensus_distance"] > rows["ring"]["consensus_distance"] > 0
     assert rows["ring"]["bytes_per_step_x_model"] == pytest.approx(1.0, abs=0.01)  # one peer, whole model
     assert rows["ring+bf16"]["bytes_per_step_x_model"] == pytest.approx(0.5, abs=0.01)  # in bfloat16
+    # rank-4 factors of 64x256, 256x256 and 10x256 (alternating sides) and the biases whole: a tenth or less
+    assert 0 < rows["ring+lowrank4"]["bytes_per_step_x_model"] < 0.1
     assert rows["local"]["bytes_per_step"] == 0
     with open(out / "curves.csv") as f:
-        assert sum(1 for _ in csv.DictReader(f)) == 7 * 30
+        assert sum(1 for _ in csv.DictReader(f)) == 8 * 30
     for png in ("loss.png", "consensus.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "acc(avg)" in proc.stdout and "one-peer-exp" in proc.stdout

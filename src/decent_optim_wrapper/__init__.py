@@ -8,6 +8,7 @@ averaging with the neighbours a topology picks. Internal logging goes through lo
 from loguru import logger
 
 from .comm import GossipError
+from .config import GossipConfig, LowRank
 from .ddp import DecentralizedDataParallel
 from .topo import (
     AlternatingExpRingTopology,
@@ -26,6 +27,8 @@ __all__ = [
     "DecentOptimWrapper",
     "DecentralizedDataParallel",
     "GossipError",
+    "GossipConfig",
+    "LowRank",
     "Topology",
     "TopologyFactory",
     "Group",

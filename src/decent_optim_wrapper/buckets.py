@@ -7,7 +7,7 @@ collective moves many parameters and one kernel scales or mixes them. One set of
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +30,8 @@ class Bucket:
     offsets: list[int] = field(default_factory=list)
     # Holds only parameters with requires_grad=False: not communicated until one of them is thawed.
     frozen: bool = False
+    # Holds only matrices that travel as low-rank factors (see config.LowRank).
+    lowrank: bool = False
     # Each parameter's data pointer as bucketed: a parameter whose pointer changed left its bucket.
     pointers: list[int] = field(default_factory=list)
 
@@ -87,40 +89,43 @@ def _dense_strides(p: torch.Tensor) -> tuple[int, ...] | None:
 
 
 @torch.no_grad()
-def build_buckets(params: Iterable[torch.Tensor], bucket_cap_mb: float) -> list[Bucket]:
+def build_buckets(params: Iterable[torch.Tensor], bucket_cap_mb: float,
+                  lowrank: Callable[[torch.Tensor], bool] | None = None) -> list[Bucket]:
     """Move ``params`` into flat buckets of at most ``bucket_cap_mb`` MiB (a larger parameter gets its own).
 
     Values are copied exactly and each parameter's ``.data`` becomes a view into its bucket, so the
     ``Parameter`` objects (and the optimizer state keyed by them) stay the same. A tensor listed twice is
     bucketed once. Order follows first appearance, so every rank with the same model builds the same layout.
+    Parameters for which ``lowrank`` says so get buckets of their own (they travel as low-rank factors).
     """
     check_bucket_cap(bucket_cap_mb)
     cap_bytes = bucket_cap_mb * 1024 * 1024
 
     # Frozen parameters get buckets of their own, so that they cost no communication while frozen.
-    by_key: dict[tuple[torch.device, torch.dtype, bool], list[torch.Tensor]] = {}
+    by_key: dict[tuple[torch.device, torch.dtype, bool, bool], list[torch.Tensor]] = {}
     seen: set[int] = set()
     for p in params:
         _check_param(p)
         if id(p) in seen:
             continue
         seen.add(id(p))
-        by_key.setdefault((p.device, p.dtype, not p.requires_grad), []).append(p)
+        low = lowrank is not None and lowrank(p)
+        by_key.setdefault((p.device, p.dtype, not p.requires_grad, low), []).append(p)
 
     buckets: list[Bucket] = []
-    for (device, dtype, frozen), group in by_key.items():
+    for (device, dtype, frozen, low), group in by_key.items():
         esize = torch.empty((), dtype=dtype).element_size()
         chunk: list[torch.Tensor] = []
         chunk_elems = 0
         for p in group:
             size = _aligned(p.numel(), esize)
             if chunk and (chunk_elems + size) * esize > cap_bytes:
-                buckets.append(_make_bucket(chunk, device, dtype, esize, frozen))
+                buckets.append(_make_bucket(chunk, device, dtype, esize, frozen, low))
                 chunk, chunk_elems = [], 0
             chunk.append(p)
             chunk_elems += size
         if chunk:
-            buckets.append(_make_bucket(chunk, device, dtype, esize, frozen))
+            buckets.append(_make_bucket(chunk, device, dtype, esize, frozen, low))
 
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0  # the global rank
     for i, b in enumerate(buckets):
@@ -133,10 +138,10 @@ def build_buckets(params: Iterable[torch.Tensor], bucket_cap_mb: float) -> list[
 
 
 def _make_bucket(chunk: list[torch.Tensor], device: torch.device, dtype: torch.dtype, esize: int,
-                 frozen: bool) -> Bucket:
+                 frozen: bool, lowrank: bool = False) -> Bucket:
     total = sum(_aligned(p.numel(), esize) for p in chunk)
     flat = torch.zeros(total, dtype=dtype, device=device)
-    bucket = Bucket(flat, frozen=frozen)
+    bucket = Bucket(flat, frozen=frozen, lowrank=lowrank)
     offset = 0
     for p in chunk:
         strides = _dense_strides(p) if p.numel() > 0 else None

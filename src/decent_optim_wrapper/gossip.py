@@ -44,7 +44,7 @@ from .buckets import Bucket
 from .comm import Failure, GossipError, Op, ProcessGroups, Stamp, StampExchange, digest32, global_rank, wait_all
 from .config import GossipConfig
 from .topo import Group, Schedule
-from .transport import Piece, Transport, choose
+from .transport import P2PPairLowRank, Piece, Transport, choose
 
 __all__ = ["Gossip", "CommStats", "Shadow", "next_instance"]
 
@@ -157,18 +157,19 @@ class Gossip:
         self._resume: list[_Resume] = []  # resumed from a checkpoint with these in flight: launch them again first
         self._announced: tuple[torch.Tensor, dist.Work] | None = None  # the last announcement, in Join mode
         self._held: _Held | None = None
-        self._buffers: dict[tuple[int, int, torch.dtype, int], torch.Tensor] = {}
+        self._buffers: dict[tuple[int, int, torch.dtype, int, int], torch.Tensor] = {}
         self._active = self._active_ids()
         # Every group this rank belongs to, with its process groups created now (never mid-training): a
-        # full-precision transport, and one for the buckets that travel compressed.
-        self._transports: dict[tuple[tuple[int, ...], bool], Transport] = {}
+        # full-precision transport, one for the buckets that travel compressed, one for the low-rank ones.
+        self._transports: dict[tuple[tuple[int, ...], str], Transport] = {}
         if groups is not None:
             groups.prepare(self._group_slots())
+        damping = in_flight_at_once(schedule, rank, self.max_delay)
         for t in range(schedule.period):
-            group = schedule.group(rank, t)
-            if group.size > 1 and (group.ranks, False) not in self._transports:
-                for compressed in (False, True) if self.wire_dtype is not None else (False,):
-                    self._transports[group.ranks, compressed] = self._make_transport(group, compressed)
+            group = damped(schedule.group(rank, t), damping)
+            if group.size > 1 and (group.ranks, "full") not in self._transports:
+                for kind in self._kinds():
+                    self._transports[group.ranks, kind] = self._make_transport(group, kind)
             logger.debug("rank {} round {}: group {} weight {}", rank, t, list(group.ranks), group.self_weight)
 
     @classmethod
@@ -203,8 +204,9 @@ class Gossip:
         return self._held is not None
 
     def buffer_bytes(self) -> int:
-        """Persistent extra memory: the communication buffers, in bytes."""
-        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+        """Persistent extra memory, in bytes: the communication buffers and low-rank gossip's per-edge bases."""
+        bases = [b for t in self._transports.values() if isinstance(t, P2PPairLowRank) for _, b in t.bases.values()]
+        return sum(t.numel() * t.element_size() for t in [*self._buffers.values(), *bases])
 
     def add_buckets(self, buckets: list[Bucket]) -> None:
         """Average these buckets too, from the next launch on (the list given at construction is extended)."""
@@ -273,10 +275,10 @@ class Gossip:
         pieces: list[Piece] = []
         parts: list[tuple[Transport, list[int]]] = []
         sent = 0
-        for compressed in (False, True):
-            part = [i for i in ids if self._compressed(i) == compressed]
+        for kind in self._kinds():
+            part = [i for i in ids if self._kind(i) == kind]
             if part:
-                transport = self._transports[group.ranks, compressed]
+                transport = self._transports[group.ranks, kind]
                 flats = [self.buckets[i].flat for i in part]
                 if resend is not None:  # what it sent then, not a new copy
                     for i, flat, buf in zip(part, flats, transport.sent(part, buffer, flats)):
@@ -286,7 +288,7 @@ class Gossip:
                             transport.snapshot(flat, buf)
                 pieces += transport.launch(flats, part, buffer, tag=len(pieces), resend=resend is not None)
                 parts.append((transport, part))
-                sent += transport.bytes_sent(flats)
+                sent += transport.bytes_sent(flats, part)
         self._stats = replace(self._stats, rounds=self._stats.rounds + 1, bytes_sent=self._stats.bytes_sent + sent)
         self._inflight.append(_InFlight(t, due, group, pieces, stamp, parts, lane))
 
@@ -518,6 +520,10 @@ class Gossip:
             {"round": r.index, "due": r.due, "sent": self._sent_since_written(r, flats)} for r in inflight]
         state: dict[str, Any] = {"round": self.round, "step": self.step, "pending": bool(rounds), "buckets": flats,
                                  "inflight": rounds}
+        lowrank = {"-".join(map(str, ranks)): t.state() for (ranks, kind), t in self._transports.items()
+                   if isinstance(t, P2PPairLowRank)}
+        if lowrank:  # the warm starts of low-rank gossip: per edge, per matrix
+            state["lowrank"] = lowrank
         if rounds and rounds[0]["sent"]:
             state["sent"] = dict(rounds[0]["sent"])
         return state
@@ -528,7 +534,8 @@ class Gossip:
         for transport, ids in pending.parts:
             mine = [flats[i] for i in ids]
             for i, flat, sent in zip(ids, mine, transport.sent(ids, buffer, mine)):
-                if not torch.equal(sent, transport.snapshot(flat, torch.empty_like(sent))):
+                fresh = transport.snapshot(flat, torch.empty_like(sent)) if transport.sends_a_copy else None
+                if fresh is None or not torch.equal(sent, fresh):
                     out[i] = sent
         return out
 
@@ -553,6 +560,10 @@ class Gossip:
                 if state["pending"] and self.round > 0 else []
         self._resume = [_Resume(int(r["round"]), int(r["due"]), {int(i): t for i, t in (r.get("sent") or {}).items()})
                         for r in rounds]
+        for key, bases in (state.get("lowrank") or {}).items():
+            transport = self._transports.get((tuple(int(r) for r in key.split("-")), "lowrank"))
+            if isinstance(transport, P2PPairLowRank):
+                transport.load_state(bases)
 
     # ------------------------------------------------------------------ helpers
     def _active_ids(self) -> list[int]:
@@ -572,8 +583,10 @@ class Gossip:
             for g in sorted(groups, key=lambda g: g.ranks):
                 if g.size < 2:
                     continue
-                for wire in (None, self.wire_dtype) if self.wire_dtype is not None else (None,):
-                    if not choose(g, self.groups.backend, device, wire, self.pair_transport).point_to_point:
+                for kind in self._kinds():
+                    wire = self.wire_dtype if kind == "wire" else None
+                    cls = choose(g, self.groups.backend, device, wire, self.pair_transport, lowrank=kind == "lowrank")
+                    if not cls.point_to_point:
                         data.append((g.ranks, "data"))
                     elif self._two_connections(device):
                         back = [(everyone, "data-back")]
@@ -587,17 +600,32 @@ class Gossip:
         assert self.groups is not None
         return device.type == "cpu" and "nccl" not in self.groups.backend
 
-    def _compressed(self, i: int) -> bool:
-        """Whether bucket ``i`` travels in the wire dtype (only where that dtype is narrower than its own)."""
-        flat = self.buckets[i].flat
-        return self.wire_dtype is not None and \
-            torch.empty((), dtype=self.wire_dtype).element_size() < flat.element_size()
+    def _kinds(self) -> list[str]:
+        """How buckets travel in this world: ``"full"`` precision, ``"wire"`` (rounded to the wire dtype),
+        ``"lowrank"`` (factors of the pair's difference)."""
+        return ["full"] + (["wire"] if self.wire_dtype is not None else []) + \
+            (["lowrank"] if self.config.compression is not None else [])
 
-    def _make_transport(self, group: Group, compressed: bool) -> Transport:
+    def _kind(self, i: int) -> str:
+        """How bucket ``i`` travels: as low-rank factors, rounded to the wire dtype (only where it is narrower than
+        the bucket's own), or in full precision."""
+        bucket = self.buckets[i]
+        if bucket.lowrank:
+            return "lowrank"
+        narrower = self.wire_dtype is not None and \
+            torch.empty((), dtype=self.wire_dtype).element_size() < bucket.flat.element_size()
+        return "wire" if narrower else "full"
+
+    def _matrices(self, i: int) -> list[tuple[int, int, int]]:
+        """``(offset, rows, cols)`` of every parameter of bucket ``i`` viewed as a matrix ``(shape[0], -1)``."""
+        bucket = self.buckets[i]
+        return [(off, p.shape[0], p.numel() // p.shape[0]) for p, off in zip(bucket.params, bucket.offsets)]
+
+    def _make_transport(self, group: Group, kind: str) -> Transport:
         assert self.groups is not None
         device = self.buckets[0].flat.device if self.buckets else torch.device("cpu")
-        wire = self.wire_dtype if compressed else None
-        cls = choose(group, self.groups.backend, device, wire, self.pair_transport)
+        wire = self.wire_dtype if kind == "wire" else None
+        cls = choose(group, self.groups.backend, device, wire, self.pair_transport, lowrank=kind == "lowrank")
         peer = None
         if group.size == 2:
             other = group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1]
@@ -612,15 +640,22 @@ class Gossip:
             pg = pg if pg is not None else dist.group.WORLD
             back = self.groups.data_back()
             pg, pg_back = (pg, back) if self.rank < min(r for r in group.ranks if r != self.rank) else (back, pg)
+        if cls is P2PPairLowRank:
+            compression = self.config.compression
+            assert compression is not None
+            return P2PPairLowRank(group, self.rank, pg, peer, self.tag, None, pg_back, rank_r=compression.rank,
+                                  layout=self._matrices)
         return cls(group, self.rank, pg, peer, self.tag, wire, pg_back)
 
-    def _buffer(self, i: int, slot: int, dtype: torch.dtype, lane: int = 0) -> torch.Tensor:
-        """Buffer ``slot`` of bucket ``i`` for the rounds of ``lane`` (one lane per round that can be in flight)."""
-        key = (i, slot, dtype, lane)
+    def _buffer(self, i: int, slot: int, dtype: torch.dtype, numel: int | None = None, lane: int = 0) -> torch.Tensor:
+        """Buffer ``slot`` of bucket ``i`` (``numel`` elements, default the bucket's) for the rounds of ``lane``
+        (one lane per round that can be in flight)."""
+        flat = self.buckets[i].flat
+        numel = flat.numel() if numel is None else numel
+        key = (i, slot, dtype, numel, lane)
         buf = self._buffers.get(key)
         if buf is None:
-            flat = self.buckets[i].flat
-            buf = self._buffers[key] = torch.empty(flat.numel(), dtype=dtype, device=flat.device)
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=flat.device)
         return buf
 
     def __del__(self) -> None:
@@ -633,6 +668,28 @@ class Gossip:
                 _ORPHANS.append((works, list(self._buffers.values()) + [b.flat for b in self.buckets]))
             except Exception:  # interpreter shutdown: module globals may already be gone
                 pass
+
+
+def in_flight_at_once(schedule: Schedule, rank: int, max_delay: int) -> dict[tuple[int, ...], int]:
+    """For each group of ``rank``, how many of its rounds can be in flight at once: ``max_delay`` rounds are, and a
+    group that recurs sooner than that (a ring of two: every round) has more than one of them."""
+    out: dict[tuple[int, ...], int] = {}
+    for t in range(schedule.period):
+        ranks = schedule.group(rank, t).ranks
+        k = sum(schedule.group(rank, t - back).ranks == ranks for back in range(max_delay))
+        out[ranks] = max(out.get(ranks, 0), k)
+    return out
+
+
+def damped(group: Group, in_flight: dict[tuple[int, ...], int]) -> Group:
+    """``group`` with the weight its rounds mix with: the peers' share ``1 - w`` divided by the number of its rounds
+    that can be in flight at once. Each of them is computed from values that do not include the others' corrections,
+    and undamped their sum would overshoot (the pair's difference oscillates or grows instead of shrinking); divided,
+    it shrinks. One round in flight at a time (``max_delay`` no larger than how often the group recurs): unchanged."""
+    k = in_flight.get(group.ranks, 1)
+    if k <= 1 or group.size == 1:
+        return group
+    return Group(group.ranks, 1.0 - (1.0 - group.self_weight) / k)
 
 
 _ORPHANS: list[tuple[list[dist.Work], list[torch.Tensor]]] = []

@@ -45,7 +45,8 @@ from collections.abc import Sequence
 import torch
 
 __all__ = ["pair_mix_", "scale_for_sum", "group_mix_", "pair_mix_sent_", "group_mix_sent_", "quantize",
-           "compressed_pair_mix_", "compressed_mix_", "COMPRESSED_CHUNK", "COMPRESSED_CHUNK_CUDA"]
+           "compressed_pair_mix_", "compressed_mix_", "COMPRESSED_CHUNK", "COMPRESSED_CHUNK_CUDA", "lowrank_project",
+           "lowrank_correction_", "orthonormal"]
 
 # Elements per chunk of the compressed mix, which bounds its scratch whatever the bucket size (a bucket-sized
 # temporary every round costs memory on the GPU). On the CPU the chunk is small enough that the scratch stays
@@ -178,3 +179,46 @@ def compressed_mix_(x: torch.Tensor, q_self: torch.Tensor, q_group: Sequence[tor
         s.sub_(q_self[start:start + size], alpha=k)
         x[start:start + size].add_(s, alpha=peer_weight)
     return x
+
+
+# ----------------------------------------------------------------------------- low rank (PowerGossip)
+# A pair (low, high) shares a basis B of one side of a matrix parameter: ``right`` (B = Q, cols x r) or ``left``
+# (B = P, rows x r). Each member sends the projection of what it holds, X Q (rows x r) or X^T P (cols x r); both
+# form D = proj_low - proj_high from the same two tensors, so D is the same to the last bit on both, and so is the
+# rank-r approximation of X_low - X_high it gives: D Q^T, or P D^T. The low member subtracts c times it, the high
+# member adds it (equal and opposite: the pair's sum is kept up to the final additions' rounding), and the next
+# round of the edge uses the other side, orthonormal(D), as its basis: one power iteration step per round, warm
+# started from the previous one (Vogels, Karimireddy and Jaggi, PowerGossip, NeurIPS 2020).
+
+
+@torch.no_grad()
+def lowrank_project(x: torch.Tensor, basis: torch.Tensor, right: bool, out: torch.Tensor) -> torch.Tensor:
+    """``out <- x @ basis`` (``right``) or ``x.T @ basis``: what a member sends of matrix ``x``."""
+    return torch.mm(x, basis, out=out) if right else torch.mm(x.t(), basis, out=out)
+
+
+@torch.no_grad()
+def lowrank_correction_(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, basis: torch.Tensor, right: bool,
+                        scale: float) -> torch.Tensor:
+    """``x <- x + scale * approx`` with ``approx = D @ basis.T`` (``right``) or ``basis @ D.T``, ``D = low - high``
+    (the low and the high member's projections); returns ``D``. ``scale``: ``-c`` on the low member, ``+c`` on the
+    high one, so that the two corrections are each other's negation to the last bit."""
+    d = torch.sub(low, high)
+    if right:
+        x.addmm_(d, basis.t(), alpha=scale)
+    else:
+        x.addmm_(basis, d.t(), alpha=scale)
+    return d
+
+
+@torch.no_grad()
+def orthonormal(d: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of ``d``: the same on both members, who hold the same ``d``.
+
+    One column: ``d / |d|``, or ``previous`` where ``d`` is zero (the pair agrees on that matrix; chosen on the
+    device, so the host never waits). Several: the reduced QR's ``Q`` (an orthonormal basis even of a zero ``d``).
+    """
+    if d.shape[1] == 1:
+        norm = torch.linalg.vector_norm(d)
+        return torch.where(norm > 0, d / norm, previous)
+    return torch.linalg.qr(d).Q

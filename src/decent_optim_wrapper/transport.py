@@ -47,16 +47,26 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 
-from .comm import WeakGroup
+from .comm import WeakGroup, digest32
 from .config import PAIR_TRANSPORTS
-from .mixing import compressed_mix_, compressed_pair_mix_, group_mix_sent_, pair_mix_sent_, quantize, scale_for_sum
+from .mixing import (
+    compressed_mix_,
+    compressed_pair_mix_,
+    group_mix_sent_,
+    lowrank_correction_,
+    lowrank_project,
+    orthonormal,
+    pair_mix_sent_,
+    quantize,
+    scale_for_sum,
+)
 from .topo import Group
 
 __all__ = ["Transport", "Piece", "PIECE", "P2PPair", "AllReduceSum", "P2PPairCompressed", "AllGatherCompressed",
-           "choose", "PAIR_TRANSPORTS"]
+           "P2PPairLowRank", "choose", "lowrank_problem", "PAIR_TRANSPORTS"]
 
-# A buffer of the gossip state: (bucket index, slot, dtype) -> tensor the size of the bucket.
-BufferFn = Callable[[int, int, torch.dtype], torch.Tensor]
+# A buffer of the gossip state: (bucket index, slot, dtype[, numel]) -> tensor (default: the size of the bucket).
+BufferFn = Callable[..., torch.Tensor]
 
 # Elements per piece of a pair's bucket on the CPU (see the module docstring; measured in benchmarks/README.md).
 PIECE = 1 << 19
@@ -96,6 +106,9 @@ class Transport(ABC):
 
     point_to_point = False  # True: addresses the peer by global rank on the gossip world's group
     sent_slot = 1  # the buffer slot that holds what this rank sent (the snapshot, or its rounded values)
+    # What it sends is a copy of the bucket (or its rounded values), which a checkpoint can leave out where the
+    # bucket still holds it; False: a checkpoint always keeps it (low-rank projections: small).
+    sends_a_copy = True
 
     def __init__(self, group: Group, rank: int, pg: dist.ProcessGroup | None, peer: int | None = None,
                  tag: int = 0, wire_dtype: torch.dtype | None = None, pg_back: dist.ProcessGroup | None = None) -> None:
@@ -129,7 +142,7 @@ class Transport(ABC):
         return out.copy_(flat) if self.wire_dtype is None else quantize(flat, out)
 
     @abstractmethod
-    def bytes_sent(self, flats: list[torch.Tensor]) -> int:
+    def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
         """Bytes this rank sends for the round (ring all-reduce and all-gather: the usual 2(k-1)/k, (k-1)/k)."""
 
     def _exchange(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], tag: int,
@@ -178,7 +191,7 @@ class P2PPair(Transport):
         w = self.group.self_weight
         return [Piece(ws, partial(pair_mix_sent_, x, sent, peer, w)) for (x, sent, peer), ws in zip(parts, works)]
 
-    def bytes_sent(self, flats: list[torch.Tensor]) -> int:
+    def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
         return sum(f.numel() * f.element_size() for f in flats)
 
 
@@ -199,7 +212,7 @@ class AllReduceSum(Transport):
             pieces.append(Piece([work], partial(group_mix_sent_, flat, sent, buf, g.self_weight, g.peer_weight)))
         return pieces
 
-    def bytes_sent(self, flats: list[torch.Tensor]) -> int:
+    def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
         k = self.group.size
         return sum(f.numel() * f.element_size() for f in flats) * 2 * (k - 1) // k
 
@@ -222,7 +235,7 @@ class P2PPairCompressed(Transport):
         return [Piece(w, partial(compressed_pair_mix_, x, mine, theirs, c))
                 for (x, mine, theirs), w in zip(parts, works)]
 
-    def bytes_sent(self, flats: list[torch.Tensor]) -> int:
+    def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
         size = torch.empty((), dtype=self.wire_dtype).element_size()
         return sum(f.numel() for f in flats) * size
 
@@ -248,14 +261,14 @@ class AllGatherCompressed(Transport):
             pieces.append(Piece([work], partial(compressed_mix_, flat, slots[me], slots, self.group.peer_weight)))
         return pieces
 
-    def bytes_sent(self, flats: list[torch.Tensor]) -> int:
+    def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
         size = torch.empty((), dtype=self.wire_dtype).element_size()
         k = self.group.size
         return sum(f.numel() for f in flats) * size * (k - 1)  # ring all-gather: every member's piece, once
 
 
 def choose(group: Group, backend: str, device: torch.device, wire_dtype: torch.dtype | None,
-           pair_transport: str = "auto") -> type[Transport]:
+           pair_transport: str = "auto", lowrank: bool = False) -> type[Transport]:
     """The transport for a group of two or more ranks.
 
     * Pairs on gloo with CPU tensors: point to point, each direction on a connection of its own. Measured
@@ -272,10 +285,17 @@ def choose(group: Group, backend: str, device: torch.device, wire_dtype: torch.d
       float32 ring all-reduce, which is less only for ``k < 4``; larger groups stay in full precision.
 
     ``pair_transport`` (``"p2p"`` or ``"allreduce"``) overrides the choice for full-precision pairs.
+    ``lowrank``: the buckets of matrices that travel as low-rank factors; pairs only, point to point (see
+    :func:`lowrank_problem`).
     """
     if pair_transport not in PAIR_TRANSPORTS:
         raise ValueError(f"Invalid pair_transport={pair_transport!r}. Must be one of {PAIR_TRANSPORTS}.")
     p2p_ok = not (device.type == "cuda" and "nccl" not in backend)
+    if lowrank:
+        problem = lowrank_problem(group, backend, device)
+        if problem is not None:
+            raise ValueError(problem)
+        return P2PPairLowRank
     if group.size == 2 and p2p_ok:
         if wire_dtype is not None:
             return P2PPairCompressed
@@ -284,3 +304,137 @@ def choose(group: Group, backend: str, device: torch.device, wire_dtype: torch.d
     if wire_dtype is not None and group.size <= COMPRESSED_GATHER_MAX:
         return AllGatherCompressed
     return AllReduceSum
+
+
+class P2PPairLowRank(Transport):
+    """A pair exchanges, for every matrix of a low-rank bucket, the projection of what it holds on the edge's
+    shared basis (``rank`` columns of one side of the matrix) and applies the rank-``rank`` approximation of its
+    difference as equal and opposite corrections (:func:`~decent_optim_wrapper.mixing.lowrank_correction_`).
+
+    The bases are per-edge state, warm-started: after a round the edge's basis of each matrix is the other side,
+    ``orthonormal(D)``, so successive rounds are the steps of a power iteration on the pair's difference. They
+    start from a random orthonormal basis that both members draw from the same seed: the edge, bucket and matrix, and
+    nothing else (not which wrapper of the process this is), so that a run rebuilt and resumed draws the same ones.
+
+    What a round sends lives in buffer slot 1 as ``[projections | bases they were taken on | sides]`` (fixed size:
+    every matrix's widest side), so that a checkpoint can resume a round in flight exactly; slot 0 receives the
+    peer's projections.
+    """
+
+    point_to_point = True
+    sends_a_copy = False
+
+    def __init__(self, group: Group, rank: int, pg: dist.ProcessGroup | None, peer: int | None = None,
+                 tag: int = 0, wire_dtype: torch.dtype | None = None, pg_back: dist.ProcessGroup | None = None, *,
+                 rank_r: int = 1, layout: Callable[[int], list[tuple[int, int, int]]] | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(group, rank, pg, peer, tag, None, pg_back)
+        if group.size != 2:
+            raise ValueError(f"internal error: low-rank gossip needs a pair, got group {list(group.ranks)}")
+        self.r, self.seed = rank_r, seed
+        self.layout = layout if layout is not None else (lambda i: [])
+        self.low = rank == min(group.ranks)
+        self.bases: dict[tuple[int, int], tuple[bool, torch.Tensor]] = {}  # (bucket, matrix) -> (right, basis)
+
+    def _sizes(self, i: int) -> tuple[int, int]:
+        """Room for the projections and for the bases of bucket ``i``: every matrix's widest side, ``r`` columns."""
+        widest = sum(self.r * max(rows, cols) for _, rows, cols in self.layout(i))
+        return widest, widest
+
+    def basis(self, i: int, j: int, rows: int, cols: int, like: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        """The edge's current basis of matrix ``j`` of bucket ``i``: ``(right, basis)``; drawn at first use."""
+        if (i, j) not in self.bases:
+            g = torch.Generator().manual_seed(digest32(self.seed, self.group.ranks, i, j))
+            start = torch.randn(cols, self.r, generator=g, dtype=torch.float64)
+            q = torch.linalg.qr(start).Q if self.r > 1 else start / torch.linalg.vector_norm(start)
+            self.bases[i, j] = (True, q.to(device=like.device, dtype=like.dtype))
+        return self.bases[i, j]
+
+    def sent(self, ids: list[int], buffer: BufferFn, flats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [buffer(i, 1, f.dtype, sum(self._sizes(i)) + len(self.layout(i))) for f, i in zip(flats, ids)]
+
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0,
+               resend: bool = False) -> list[Piece]:
+        pairs, parts = [], []
+        for flat, i, sent in zip(flats, ids, self.sent(ids, buffer, flats)):
+            mats = self.layout(i)
+            room, _ = self._sizes(i)
+            sides = sent[2 * room:]
+            if not resend:
+                p = b = 0
+                for j, (offset, rows, cols) in enumerate(mats):
+                    right, basis = self.basis(i, j, rows, cols, flat)
+                    n_proj = self.r * (rows if right else cols)
+                    sent[room + b:room + b + basis.numel()].copy_(basis.reshape(-1))
+                    sides[j] = 1.0 if right else 0.0
+                    x = flat[offset:offset + rows * cols].view(rows, cols)
+                    lowrank_project(x, basis, right, out=sent[p:p + n_proj].view(-1, self.r))
+                    p, b = p + n_proj, b + basis.numel()
+            used = self._projected(mats, sides)
+            recv = buffer(i, 0, flat.dtype, room)[:used]
+            pairs.append((sent[:used], recv))
+            parts.append((flat, i, mats, sent, recv, room))
+        works = self._exchange(pairs, tag)
+        return [Piece(w, partial(self._mix, *part)) for part, w in zip(parts, works)]
+
+    def _projected(self, mats: list[tuple[int, int, int]], sides: torch.Tensor) -> int:
+        """Elements of the projections, given each matrix's side (``sides``: 1 right, 0 left)."""
+        flags = sides.tolist()
+        return sum(self.r * (rows if flags[j] else cols) for j, (_, rows, cols) in enumerate(mats))
+
+    @torch.no_grad()
+    def _mix(self, flat: torch.Tensor, i: int, mats: list[tuple[int, int, int]], sent: torch.Tensor,
+             recv: torch.Tensor, room: int) -> None:
+        flags = sent[2 * room:].tolist()
+        scale = -self.group.peer_weight if self.low else self.group.peer_weight
+        p = b = 0
+        for j, (offset, rows, cols) in enumerate(mats):
+            right = bool(flags[j])
+            n_proj, n_basis = self.r * (rows if right else cols), self.r * (cols if right else rows)
+            mine, theirs = sent[p:p + n_proj].view(-1, self.r), recv[p:p + n_proj].view(-1, self.r)
+            basis = sent[room + b:room + b + n_basis].view(-1, self.r)
+            low, high = (mine, theirs) if self.low else (theirs, mine)
+            x = flat[offset:offset + rows * cols].view(rows, cols)
+            d = lowrank_correction_(x, low, high, basis, right, scale)
+            # the next round of this edge works on the other side, from this difference (the same on both members)
+            previous = self.bases.get((i, j), (right, basis))[1]
+            other = orthonormal(d, previous) if previous.shape == d.shape else orthonormal(d, d)
+            self.bases[i, j] = (not right, other.clone())
+            p, b = p + n_proj, b + n_basis
+
+    def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
+        # the sides of the next launch: the bases as they are now (a launch does not change them)
+        total = 0
+        for f, i in zip(flats, ids):
+            for j, (_, rows, cols) in enumerate(self.layout(i)):
+                right = self.bases.get((i, j), (True, None))[0]
+                total += self.r * (rows if right else cols) * f.element_size()
+        return total
+
+    def state(self) -> dict[str, Any]:
+        """The edge's bases: ``"i/j"`` -> basis, ``"i/j/right"`` -> side (for a checkpoint)."""
+        out: dict[str, Any] = {}
+        for (i, j), (right, basis) in self.bases.items():
+            out[f"{i}/{j}"], out[f"{i}/{j}/right"] = basis, right
+        return out
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.bases = {}
+        for key, value in state.items():
+            if not key.endswith("/right"):
+                i, j = (int(v) for v in key.split("/"))
+                self.bases[i, j] = (bool(state[f"{key}/right"]), value.clone())
+
+
+def lowrank_problem(group: Group, backend: str, device: torch.device) -> str | None:
+    """Why a group cannot gossip low-rank factors, or ``None``: they are pairs' (a larger group's members would
+    each need the difference to every other, so it is refused rather than sent edge by edge) and travel point to
+    point (gloo has none for CUDA tensors)."""
+    if group.size > 2:
+        return (f"Invalid compression=LowRank(...) with the group {list(group.ranks)} of {group.size} ranks: low-rank "
+                "gossip exchanges the factors of a pair's difference, so it needs a topology of pairs (ring, "
+                "one-peer-exp, torus; alternating-exp-ring with one rank per node).")
+    if device.type == "cuda" and "nccl" not in backend:
+        return ("Invalid compression=LowRank(...) with CUDA tensors on gloo: it sends point to point, which gloo "
+                "cannot do for CUDA tensors; use NCCL.")
+    return None

@@ -32,6 +32,7 @@ from .config import GossipConfig, LowRank
 from .gossip import CommStats, Gossip, Shadow, next_instance
 from .reinit import build_lr_scheduler, build_optimizer, validate_lr_scheduler_config
 from .topo import Schedule, Topology, TopologyFactory
+from .transport import lowrank_problem
 
 __all__ = ["DecentOptimWrapper"]
 
@@ -131,6 +132,8 @@ class DecentOptimWrapper(Optimizer, Joinable):
         self._topology: Topology | None = checks.run(_make_topology, cfg.topology, self._rank, self._world_size,
                                                      self._local_world_size)
         schedule: Schedule | None = checks.run(self._topology.schedule) if self._topology is not None else None
+        if schedule is not None and cfg.compression is not None:
+            checks.run(_check_lowrank, schedule, self._rank, params, process_group)
         self._bucket_cap_mb = cfg.bucket_cap_mb
         self._check_finite = cfg.check_finite
 
@@ -152,7 +155,7 @@ class DecentOptimWrapper(Optimizer, Joinable):
         if schedule is None:  # unreachable: a missing schedule comes with an error, raised above
             raise RuntimeError("internal error: no schedule and no error")
         self._schedule = schedule
-        self._buckets: list[Bucket] = build_buckets(params, cfg.bucket_cap_mb)
+        self._buckets: list[Bucket] = build_buckets(params, cfg.bucket_cap_mb, self._lowrank)
         if groups is not None:
             self._broadcast_from_rank0(self._buckets)
             self._gossip = Gossip(schedule, self._rank, self._buckets, groups, cfg)
@@ -248,6 +251,11 @@ class DecentOptimWrapper(Optimizer, Joinable):
         """Give every rank the first rank's values (rank 0 of the process group)."""
         for b in buckets:
             dist.broadcast(b.flat, src=global_rank(self._pg, 0), group=self._pg)
+
+    def _lowrank(self, p: torch.Tensor) -> bool:
+        """Whether parameter ``p`` travels as low-rank factors: a matrix (``(shape[0], -1)``) they make smaller."""
+        low = self._config.compression
+        return low is not None and p.dim() >= 2 and low.saves_bytes(p.shape[0], p.numel() // max(p.shape[0], 1))
 
     @property
     def _pg(self) -> dist.ProcessGroup | None:
@@ -431,7 +439,7 @@ class DecentOptimWrapper(Optimizer, Joinable):
                 raise
         elif error is not None:
             raise ValueError(error)
-        buckets = build_buckets(new, self._bucket_cap_mb)
+        buckets = build_buckets(new, self._bucket_cap_mb, self._lowrank)
         if self._world_size > 1:
             self._broadcast_from_rank0(buckets)
         self._gossip.add_buckets(buckets)  # the gossip's list is self._buckets: one list, extended once
@@ -698,7 +706,8 @@ class DecentOptimWrapper(Optimizer, Joinable):
         wire = self._gossip.wire_dtype
         return isinstance(sent, dict) and all(
             isinstance(i, int) and 0 <= i < len(self._buckets) and isinstance(t, torch.Tensor)
-            and t.shape == self._buckets[i].flat.shape and t.dtype in (self._buckets[i].flat.dtype, wire)
+            and (t.shape == self._buckets[i].flat.shape or self._buckets[i].lowrank and t.dim() == 1)
+            and t.dtype in (self._buckets[i].flat.dtype, wire)
             for i, t in sent.items())
 
 
@@ -820,3 +829,14 @@ def _config(config: Any, given: dict[str, Any]) -> GossipConfig:
         raise ValueError(f"Invalid config: give either config=GossipConfig(...) or the gossip arguments, not both "
                          f"(also given: {changed}).")
     return config
+
+
+def _check_lowrank(schedule: Schedule, rank: int, params: list[torch.Tensor],
+                   process_group: dist.ProcessGroup | None) -> None:
+    """``ValueError`` where low-rank gossip cannot run: a group of more than two, CUDA tensors on gloo."""
+    device = params[0].device if params else torch.device("cpu")
+    backend = str(dist.get_backend(process_group)) if dist.is_available() and dist.is_initialized() else "gloo"
+    for t in range(schedule.period):
+        problem = lowrank_problem(schedule.group(rank, t), backend, device)
+        if problem is not None:
+            raise ValueError(problem)

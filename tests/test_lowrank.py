@@ -1,0 +1,204 @@
+"""Low-rank gossip (PowerGossip): the arithmetic by hand, the global mean kept and consensus reached on several
+topologies and delays, the bytes that travel, resuming with rounds in flight, and what it refuses."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from harness import run_ranks
+
+from decent_optim_wrapper import DecentOptimWrapper, LowRank
+from decent_optim_wrapper.ddp import DecentralizedDataParallel
+from decent_optim_wrapper.mixing import lowrank_correction_, lowrank_project, orthonormal
+
+
+def test_one_round_by_hand() -> None:
+    # X_low = [[2, 0], [0, 0]], X_high = 0, basis q = e1 (right side): projections X q = [2, 0] and [0, 0];
+    # D = [2, 0]; the rank-1 approximation D q^T = [[2, 0], [0, 0]] is the whole difference here; with c = 1/2
+    # the low member moves to [[1, 0], [0, 0]], the high one to the same: the pair's mean, exactly
+    x_low, x_high = torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.zeros(2, 2)
+    q = torch.tensor([[1.0], [0.0]])
+    p_low = lowrank_project(x_low, q, True, torch.empty(2, 1))
+    p_high = lowrank_project(x_high, q, True, torch.empty(2, 1))
+    assert p_low.tolist() == [[2.0], [0.0]] and p_high.tolist() == [[0.0], [0.0]]
+    d = lowrank_correction_(x_low, p_low, p_high, q, True, -0.5)
+    lowrank_correction_(x_high, p_low, p_high, q, True, 0.5)
+    assert x_low.tolist() == x_high.tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    # the next round works on the left side: orthonormal(D) = e1 (rows)
+    assert orthonormal(d, q).tolist() == [[1.0], [0.0]]
+    # a difference orthogonal to the basis is invisible to this round: X_low = [[0, 3]], q = e1 -> no change
+    x = torch.tensor([[0.0, 3.0]])
+    lowrank_correction_(x, lowrank_project(x, q, True, torch.empty(1, 1)), torch.zeros(1, 1), q, True, -0.5)
+    assert x.tolist() == [[0.0, 3.0]]
+    # left side: p = e2 (rows), X_low^T p for X_low = [[1, 2], [3, 4]] is [3, 4]; approximation p D^T = [[0, 0], [3, 4]]
+    x_low, p = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.0], [1.0]])
+    r_low = lowrank_project(x_low, p, False, torch.empty(2, 1))
+    assert r_low.tolist() == [[3.0], [4.0]]
+    lowrank_correction_(x_low, r_low, torch.zeros(2, 1), p, False, -0.5)
+    assert x_low.tolist() == [[1.0, 2.0], [1.5, 2.0]]
+    # a zero difference keeps the previous basis (the pair agrees on that matrix)
+    assert torch.equal(orthonormal(torch.zeros(3, 1), torch.ones(3, 1)), torch.ones(3, 1))
+
+
+def test_which_parameters_travel_as_factors() -> None:
+    low = LowRank(rank=2)
+    assert low.saves_bytes(64, 32) and low.saves_bytes(3, 3) and not low.saves_bytes(2, 2)
+    m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 2))  # weights 64x32 and 2x64
+    opt = DecentOptimWrapper(torch.optim.SGD(m.parameters(), lr=0.1), compression=low)
+    lowrank = [[tuple(p.shape) for p in b.params] for b in opt.buckets if b.lowrank]
+    dense = [[tuple(p.shape) for p in b.params] for b in opt.buckets if not b.lowrank]
+    # rank-2 factors of a 2x64 matrix are no smaller than it (2 * 64 elements): it travels whole
+    assert lowrank == [[(64, 32)]] and dense == [[(64,), (2, 64), (2,)]]
+
+
+def _gossip_only(rank: int, world_size: int, topology: str, max_delay: int, rounds: int, r: int) -> dict:
+    torch.manual_seed(rank)
+    m = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 6))
+    opt = DecentOptimWrapper(torch.optim.SGD(m.parameters(), lr=0.0), topology=topology, compression=LowRank(r),
+                             max_delay=max_delay)
+    with torch.no_grad():  # after construction (which broadcast rank 0's values): the ranks differ
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * (1 + rank))
+    start = [p.detach().double().clone() for p in m.parameters()]
+    distances = [opt.consensus_distance()]
+    for step in range(rounds):
+        opt.step()  # no gradient: only the rounds move the values
+        if step == rounds // 2:
+            distances.append(opt.consensus_distance())
+    opt.finish()
+    distances.append(opt.consensus_distance())
+    return {"start": start, "end": [p.detach().double().clone() for p in m.parameters()], "distances": distances,
+            "bytes": opt.comm_stats.bytes_sent, "rounds": opt.comm_stats.rounds,
+            "ulp": max(float(p.detach().abs().max()) for p in m.parameters()) * 2.0 ** -24}
+
+
+@pytest.mark.slow  # 1,000 rounds on 4 ranks, three ways
+@pytest.mark.parametrize("topology,max_delay", [("ring", 1), ("one-peer-exp", 2), ("torus", 3)])
+def test_the_global_mean_is_kept_over_1000_rounds_and_consensus_shrinks(topology: str, max_delay: int) -> None:
+    rounds = 1000
+    out = run_ranks(_gossip_only, 4, topology, max_delay, rounds, 2, timeout=300)
+    for k in range(len(out[0]["start"])):
+        before = sum(o["start"][k] for o in out)  # float64 sums across the ranks
+        after = sum(o["end"][k] for o in out)
+        # the corrections cancel to the last bit; only the final float32 additions round: at most one rounding
+        # per rank and round, and far less in practice (the roundings do not all point one way)
+        bound = 4 * rounds * max(o["ulp"] for o in out)
+        assert float((after - before).abs().max()) <= bound, (topology, k)
+    d = out[0]["distances"]
+    assert d[2] < d[1] < d[0] and d[2] < 0.05 * d[0], d  # consensus: the workers agree far better than at the start
+
+
+def test_the_mean_is_kept_and_consensus_shrinks_in_a_few_rounds() -> None:
+    out = run_ranks(_gossip_only, 4, "one-peer-exp", 2, 40, 2)
+    for k in range(len(out[0]["start"])):
+        drift = float((sum(o["end"][k] for o in out) - sum(o["start"][k] for o in out)).abs().max())
+        assert drift <= 4 * 40 * max(o["ulp"] for o in out)
+    d = out[0]["distances"]
+    assert d[2] < d[1] < d[0]
+
+
+def test_bytes_sent_match_the_formula() -> None:
+    # weights 40x24 and 6x40 travel as rank-2 projections on alternating sides, the biases (40 + 6) whole, as
+    # their bucket holds them (every parameter starts on a 128-byte boundary: 40 -> 64 floats, 6 -> 32);
+    # per round, a right-side round sends 2*40 + 2*6 floats of factors, a left-side one 2*24 + 2*40
+    rounds = 6
+    out = run_ranks(_gossip_only, 2, "ring", 1, rounds, 2)
+    dense = (64 + 32) * 4
+    factors = [(2 * 40 + 2 * 6) * 4, (2 * 24 + 2 * 40) * 4]  # ring of two: the same edge every round
+    expected = sum(dense + factors[k % 2] for k in range(rounds))
+    assert [o["bytes"] for o in out] == [expected, expected]
+    assert out[0]["rounds"] == rounds
+    full = (40 * 24 + 40 + 6 * 40 + 6) * 4 * rounds
+    assert expected < full / 5  # a fifth of full precision at this size
+
+
+def _resume(rank: int, world_size: int, path: str, max_delay: int) -> bool:
+    def build() -> tuple[torch.nn.Module, DecentOptimWrapper]:
+        torch.manual_seed(rank)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+        return model, DecentOptimWrapper(torch.optim.Adam(model.parameters(), lr=1e-2), topology="ring",
+                                         compression=LowRank(rank=1), max_delay=max_delay)
+
+    def train(model: torch.nn.Module, opt: DecentOptimWrapper, steps: range) -> None:
+        for step in steps:
+            g = torch.Generator().manual_seed(100 * rank + step)
+            opt.zero_grad()
+            x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    model, opt = build()
+    train(model, opt, range(9))
+    opt.finish()
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+    model, opt = build()
+    train(model, opt, range(5))
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, f"{path}/rank{rank}.pt")
+    ckpt = torch.load(f"{path}/rank{rank}.pt", weights_only=True)
+    model, opt = build()
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optim"])
+    train(model, opt, range(5, 9))
+    opt.finish()
+    assert "lowrank" in ckpt["optim"]["decent_optim_wrapper"]  # the warm starts travel with the checkpoint
+    return all(torch.equal(a, b) for a, b in zip(uninterrupted, model.parameters()))
+
+
+@pytest.mark.parametrize("max_delay", [1, 2])
+def test_resume_with_low_rank_rounds_in_flight_is_bit_for_bit(tmp_path: Path, max_delay: int) -> None:
+    # max_delay=1: one edge has a round in flight, the other's bases come from the checkpoint alone (a resume that
+    # dropped them would draw fresh ones and differ from step 6 on); max_delay=2: both edges' rounds are in flight
+    assert run_ranks(_resume, 4, str(tmp_path), max_delay) == [True] * 4
+
+
+def _facade(rank: int, world_size: int) -> float:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    ddp = DecentralizedDataParallel(model, lambda ps: torch.optim.SGD([p for _, p in ps], lr=0.1), topology="ring",
+                                    compression=LowRank(rank=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(rank)
+    before = ddp.consensus_distance()
+    for step in range(20):
+        g = torch.Generator().manual_seed(10 * rank + step)
+        ddp.zero_grad()
+        ddp(torch.randn(4, 16, generator=g)).square().mean().backward()
+    ddp.finish()
+    return ddp.consensus_distance() / before
+
+
+def test_decentralized_data_parallel_gossips_low_rank() -> None:
+    assert all(ratio < 0.5 for ratio in run_ranks(_facade, 4))
+
+
+def test_bad_rank_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match=re.escape("Invalid rank=0. Must be an integer >= 1.")):
+        LowRank(rank=0)
+    with pytest.raises(ValueError, match=re.escape("Invalid compression='lowrank'. Must be None or LowRank(rank=r).")):
+        DecentOptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1),
+                           compression="lowrank")  # type: ignore[arg-type]
+
+
+def _refused(rank: int, world_size: int, topology: str, differ: bool) -> str:
+    compression = LowRank(rank=2 if differ and rank == 1 else 1)
+    try:
+        DecentOptimWrapper(torch.optim.SGD(torch.nn.Linear(8, 8).parameters(), lr=0.1), topology=topology,
+                           compression=compression)
+    except ValueError as exc:
+        return str(exc)
+    return "constructed"
+
+
+def test_a_topology_with_larger_groups_is_refused_on_every_rank() -> None:
+    results = run_ranks(_refused, 3, "complete", False)
+    assert all("needs a topology of pairs" in r and "the group [0, 1, 2] of 3 ranks" in r for r in results), results
+
+
+def test_ranks_with_different_ranks_of_approximation_are_refused_on_every_rank() -> None:
+    results = run_ranks(_refused, 2, "ring", True)
+    assert len(set(results)) == 1 and results[0].startswith("Ranks use different options"), results
+    assert "LowRank(rank=2)" in results[0]
