@@ -2,7 +2,9 @@
 
     uv run python benchmarks/cost_model_check.py benchmarks/results/cluster/lm-4x1-1gbit/summary.json ...
 
-(every summary given must have the ``ddp`` and ``local`` runs: they give the model's inputs)
+(every summary given must have the ``local`` run and one that sends the model or part of it: they give the
+model's inputs; the slow-link anchors are not modelled and are left out; gossip methods are read with
+``gossip_methods.parse``, so ``+lowrank<R>``, ``+delay<D>`` and ``+every<H>`` are priced too)
 
 For each ``cluster_compare.py`` summary: the model's inputs are taken from that run alone (model bytes from
 the bytes counted per step, compute and the optimizer's step from its no-communication run ``local``,
@@ -23,11 +25,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
-from decent_optim_wrapper.analysis import Network, predict_ddp, predict_gossip, time_round_work
+from decent_optim_wrapper import GossipConfig, LowRank
+from decent_optim_wrapper.analysis import Network, predict_ddp, predict_gossip, time_lowrank_work, time_round_work
+from decent_optim_wrapper.plan import Plan
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import anchors  # noqa: E402  (sibling files, not a package)
+import gossip_methods  # noqa: E402
+import workloads  # noqa: E402
+
+
+def matrices(cfg: dict[str, Any], low: LowRank, world_size: int) -> list[tuple[int, int]]:
+    """``(rows, cols)`` of the run's parameters that travel as factors under ``low`` (the plan's rule)."""
+    model = workloads.build(cfg["workload"], 0, world_size, cfg["batch_size"], cfg["lr"], cfg["seed"]).model
+    plan = Plan(GossipConfig(compression=low))
+    return [(p.shape[0], p.numel() // p.shape[0]) for p in model.parameters() if plan.lowrank(p)]
 
 
 def host_cost(loopback: Path, ranks_per_core: float) -> float:
@@ -46,8 +63,9 @@ def check(summary: Path, loopback: Path, cores: int,
     cfg, results = d["config"], {r["method"]: r for r in d["results"]}
     hosts, local = cfg["hosts"], cfg["procs_per_host"]
     n = hosts * local
-    ddp = results["ddp"]
-    model_bytes = ddp["wire_bytes_per_host_step"] / ddp["wire_x_model"]
+    # the model's size: from any run that sent something (bytes per step / the same as model-sizes)
+    sent = results.get("ddp") or next(r for r in results.values() if r["wire_x_model"] > 0)
+    model_bytes = sent["wire_bytes_per_host_step"] / sent["wire_x_model"]
     compute = results["local"]["iter_ms"] * 1e-3
     step = results["local"].get("inner_ms", 0.0) * 1e-3  # runs recorded before the breakdown existed: 0
     net = Network(bandwidth=cfg["measured_rate"] / 8, host_s_per_byte=host_cost(loopback, n / cores))
@@ -61,16 +79,33 @@ def check(summary: Path, loopback: Path, cores: int,
             times[key] = time_round_work(int(model_bytes) // 4, k, wire_bytes) * (n / cores) * 1e3
         return times[key] * 1e-3
 
+    def lowrank_work(mats: list[tuple[int, int]], r: int) -> float:
+        key = f"lowrank{r}"
+        if key not in times:
+            times[key] = time_lowrank_work(mats, r) * (n / cores) * 1e3
+        return times[key] * 1e-3
+
     rows = []
     for method, r in results.items():
-        if method == "local":
+        if method == "local" or anchors.parse(method) is not None:  # the anchors have no model here
             continue
-        topology, _, wire = method.partition("+")
-        wire_bytes = 2 if wire or method == "ddp-bf16" else 4
-        if topology in ("ddp", "ddp-bf16"):
-            pred = predict_ddp(n, model_bytes, compute, net, local, wire_bytes)
+        if method in ("ddp", "ddp-bf16"):
+            pred = predict_ddp(n, model_bytes, compute, net, local, 2 if method == "ddp-bf16" else 4)
         else:
-            pred = predict_gossip(topology, n, model_bytes, compute, net, local, wire_bytes, work, step)
+            topology, kw = gossip_methods.parse(method)
+            wire_bytes = 2 if "wire_dtype" in kw else 4
+            low, layout, round_work = kw.get("compression"), None, work
+            if low is not None:
+                mats = matrices(cfg, low, n)
+                layout = (low.rank, mats)
+                dense = 1.0 - 4.0 * sum(a * b for a, b in mats) / model_bytes  # what still travels as values
+
+                def round_work(k: int, w: int, mats: list[tuple[int, int]] = mats, r: int = low.rank,
+                               dense: float = dense) -> float:
+                    return work(k, w) * dense + lowrank_work(mats, r)
+            pred = predict_gossip(topology, n, model_bytes, compute, net, local, wire_bytes, round_work, step,
+                                  max_delay=kw.get("max_delay", 1), gossip_every=kw.get("gossip_every", 1),
+                                  lowrank=layout)
         measured = r["iter_ms"] * 1e-3
         rows.append({"run": name, "method": method, "measured_ms": measured * 1e3, "predicted_ms": pred * 1e3,
                      "error": pred / measured - 1.0})

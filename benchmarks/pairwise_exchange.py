@@ -32,10 +32,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from decent_optim_wrapper import GossipConfig  # noqa: E402
 from decent_optim_wrapper.buckets import build_buckets  # noqa: E402
 from decent_optim_wrapper.comm import ProcessGroups  # noqa: E402
 from decent_optim_wrapper.gossip import Gossip  # noqa: E402
 from decent_optim_wrapper.launch import run_local  # noqa: E402
+from decent_optim_wrapper.plan import Plan  # noqa: E402
 from decent_optim_wrapper.topo import Group, Schedule  # noqa: E402
 
 CANDIDATES = ["oneway", "p2p-1conn", "p2p", "allreduce", "bf16"]
@@ -61,16 +63,17 @@ def _candidate(name: str, rank: int, x: torch.Tensor) -> Any:
     if name == "oneway":
         return lambda: dist.send(x, peer) if rank == 0 else dist.recv(buf, peer)
     p = torch.nn.Parameter(x.clone())
-    gossip = Gossip.__new__(Gossip)
-    if name == "p2p-1conn":  # the engine's pair as it was before this measurement: one connection both ways
-        gossip._two_connections = lambda device: False  # type: ignore[method-assign]
-    gossip.__init__(Schedule(2, [[Group((0, 1))]]), rank, build_buckets([p], bucket_cap_mb=1e6),  # type: ignore[misc]
-                    ProcessGroups(None), pair_transport="allreduce" if name == "allreduce" else "auto",
-                    wire_dtype=torch.bfloat16 if name == "bf16" else None)
+    config = GossipConfig(pair_transport="allreduce" if name == "allreduce" else "auto",
+                          wire_dtype=torch.bfloat16 if name == "bf16" else None)
+    # the engine's plan, or (p2p-1conn) the same with both directions on one connection, as it was before this
+    # measurement
+    plan = Plan(config, str(dist.get_backend()), x.device, one_connection=name == "p2p-1conn")
+    gossip = Gossip(Schedule(2, [[Group((0, 1))]]), rank, build_buckets([p], bucket_cap_mb=1e6), ProcessGroups(None),
+                    config, plan=plan)
 
     def round_() -> None:
-        gossip.launch()
-        gossip.apply()
+        gossip.end_step()  # launch a round, due at the next step
+        gossip.begin_step()  # wait for it and apply it
 
     return round_
 

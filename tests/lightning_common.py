@@ -4,6 +4,7 @@ the references run on ranks started by run_local, which must not pay for importi
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,15 +55,16 @@ def flat(module: torch.nn.Module) -> list[float]:
 
 
 def reference_run(rank: int, world_size: int, topology: str, epochs: int, accumulate: int = 1,
-                  clip: float | None = None, precision: str = "32-true") -> list[float]:
+                  clip: float | None = None, precision: str = "32-true", **gossip: Any) -> list[float]:
     """The hand-written loop that Lightning's automatic optimization under DecentralizedStrategy must equal.
 
-    Per window of ``accumulate`` batches: zero_grad, forward (autocast for mixed precision), loss divided by
+    ``gossip``: more arguments of the wrapper (the strategy's own: compression, max_delay, ...). Per window of
+    ``accumulate`` batches: zero_grad, forward (autocast for mixed precision), loss divided by
     ``accumulate``, (scaled) backward; at the window's end: unscale, clip, step.
     """
     torch.set_num_threads(1)
     net = make_net()
-    opt = DecentOptimWrapper(torch.optim.AdamW(net.parameters(), lr=LR), topology=topology, timeout=60)
+    opt = DecentOptimWrapper(torch.optim.AdamW(net.parameters(), lr=LR), topology=topology, timeout=60, **gossip)
     scaler = torch.amp.GradScaler("cpu") if precision == "16-mixed" else None
     dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
     sampler = DistributedSampler(TensorDataset(*TRAIN), num_replicas=world_size, rank=rank, shuffle=True, seed=0)

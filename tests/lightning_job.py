@@ -31,7 +31,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 from lightning_common import BATCH, CLIP, LR, TRAIN, VAL, flat, make_net  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from decent_optim_wrapper import DecentOptimWrapper  # noqa: E402
+from decent_optim_wrapper import DecentOptimWrapper, LowRank  # noqa: E402
 from decent_optim_wrapper.lightning import DecentralizedStrategy  # noqa: E402
 
 OUT = Path(sys.argv[1])
@@ -130,9 +130,12 @@ def _inner_name(opt: torch.optim.Optimizer) -> str:
 
 
 def trainer(name: str, devices: int, topology: str = "one-peer-exp", callbacks: tuple = (),
-            probe_step: int | None = None, start_method: str = "fork", **kwargs: Any) -> pl.Trainer:
-    """A Trainer under DecentralizedStrategy on ``devices`` CPU ranks (0: plain single-device Lightning)."""
-    strategy = DecentralizedStrategy(topology=topology, timeout=60, start_method=start_method) if devices else "auto"
+            probe_step: int | None = None, start_method: str = "fork", gossip: dict | None = None,
+            **kwargs: Any) -> pl.Trainer:
+    """A Trainer under DecentralizedStrategy on ``devices`` CPU ranks (0: plain single-device Lightning);
+    ``gossip``: more arguments of the strategy."""
+    strategy = DecentralizedStrategy(topology=topology, timeout=60, start_method=start_method, **(gossip or {})) \
+        if devices else "auto"
     return pl.Trainer(accelerator="cpu", devices=devices or 1, strategy=strategy,
                       callbacks=[Probe(name, probe_step), *callbacks], logger=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=str(OUT / name), num_sanity_val_steps=0,
@@ -249,6 +252,9 @@ def misc() -> None:
     (OUT / "registry.txt").write_text(type(t.strategy).__name__)
     pickle.dumps(t.strategy)  # the spawn start method pickles the strategy, with its precision plugin
     trainer("own_wrapper", 2, callbacks=(Same(),), max_epochs=1, limit_val_batches=0).fit(OwnWrapperModule())
+    # the slow-link arguments reach the wrappers the strategy builds
+    trainer("slowlink", 2, topology="ring", gossip={"compression": LowRank(rank=1), "max_delay": 2}, max_epochs=2,
+            limit_val_batches=0).fit(Module())
 
 
 def torchrun() -> None:

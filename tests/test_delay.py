@@ -73,6 +73,40 @@ def test_rounds_that_span_steps_follow_the_reference(topology: str, max_delay: i
     torch.testing.assert_close(total, sum(expected), rtol=0, atol=1e-4 if wire is not None else 0)
 
 
+def _pair_difference(rank: int, world_size: int, max_delay: int, steps: int) -> list[float]:
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = DecentOptimWrapper(torch.optim.SGD([p], lr=0.0), topology="ring", max_delay=max_delay, timeout=30)
+    with torch.no_grad():
+        p.fill_(1.0 if rank == 0 else -1.0)
+    seen = []
+    for _ in range(steps):
+        opt.step()
+        seen.append(float(p))
+    opt.finish()
+    return seen
+
+
+@pytest.mark.parametrize("max_delay", [2, 3])
+def test_a_pair_with_several_rounds_in_flight_is_damped_and_converges(max_delay: int) -> None:
+    # A ring of two mixes the same pair every round, so max_delay of its rounds are in flight at once. By hand:
+    # the difference D after step t is D[t-1] - 2c * D[t-d] (the round sent after step t-d lands at step t). With
+    # c = 1/2 (the pair's weight, undamped) that is z^2 = z - 1 for d = 2 (|z| = 1: D oscillates forever) and
+    # z^3 = z^2 - 1 for d = 3 (a root of modulus 1.15: D grows). Damped, c = 1/(2d): |D| shrinks.
+    steps = 80
+    got = run_ranks(_pair_difference, 2, max_delay, steps)
+    c = 0.5 / max_delay
+    d = [2.0] * max_delay  # nothing lands before step max_delay
+    for t in range(max_delay, steps):
+        d.append(d[t - 1] - 2 * c * d[t - max_delay])
+    diff = [a - b for a, b in zip(got[0], got[1])]
+    if max_delay == 2:
+        assert diff == d  # rtol = atol = 0: c = 1/4, every value dyadic
+    else:  # c = 1/6 rounds
+        torch.testing.assert_close(torch.tensor(diff), torch.tensor(d), rtol=1e-12, atol=1e-15)
+    assert got[0] == [-x for x in got[1]]  # the mean stays 0
+    assert abs(d[-1]) < 1e-3 * 2.0
+
+
 def test_the_defaults_are_the_order_of_one_round_in_flight() -> None:
     # max_delay=1, gossip_every=1: each step applies the round the previous one launched (0.1's order)
     got = run_ranks(_delayed, 4, "ring", 1, 1, None, 5)

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from harness import run_ranks
 from lightning_common import BATCH, CLIP, VAL, Net, make_net, reference_run, shard
 
+from decent_optim_wrapper import LowRank
+
 pytestmark = [
     pytest.mark.skipif(find_spec("lightning") is None or find_spec("finetuning_scheduler") is None,
                        reason="needs Lightning and Fine-Tuning Scheduler: uv sync --group lightning-dev"),
@@ -63,6 +65,7 @@ def _references_2(rank: int, world_size: int) -> dict[str, list[float]]:
     out = {p: reference_run(rank, world_size, "ring", 2, accumulate=2, clip=CLIP, precision=p)
            for p in ("16-mixed", "bf16-mixed")}
     out["torchrun"] = reference_run(rank, world_size, "one-peer-exp", 2)
+    out["slowlink"] = reference_run(rank, world_size, "ring", 2, compression=LowRank(rank=1), max_delay=2)
     return out
 
 
@@ -267,6 +270,13 @@ def test_arguments_registry_and_a_wrapper_from_configure_optimizers(fork: Path) 
     ]
     assert (fork / "registry.txt").read_text() == "DecentralizedStrategy"
     assert [(fork / f"own_wrapper.rank{r}.txt").read_text() for r in range(2)] == ["True", "True"]
+
+
+def test_low_rank_gossip_with_rounds_that_span_steps_under_lightning(fork: Path, refs: list[dict]) -> None:
+    """DecentralizedStrategy(compression=LowRank(rank=1), max_delay=2): the plain wrapper's loop, bit for bit."""
+    runs = _records(fork, "slowlink", 2)
+    assert [r["final_local"] for r in runs] == [ref["slowlink"] for ref in refs[:2]]
+    assert runs[0]["final_local"] != runs[1]["final_local"]
 
 
 def test_torchrun_launch_checkpoint_and_resume(torchrun: Path, refs: list[dict]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from harness import run_ranks
 
 from decent_optim_wrapper import DecentOptimWrapper, LowRank
@@ -16,31 +17,44 @@ from decent_optim_wrapper.mixing import lowrank_correction_, lowrank_project, or
 
 
 def test_one_round_by_hand() -> None:
-    # X_low = [[2, 0], [0, 0]], X_high = 0, basis q = e1 (right side): projections X q = [2, 0] and [0, 0];
-    # D = [2, 0]; the rank-1 approximation D q^T = [[2, 0], [0, 0]] is the whole difference here; with c = 1/2
-    # the low member moves to [[1, 0], [0, 0]], the high one to the same: the pair's mean, exactly
+    # Factors are held transposed (r rows). X_low = [[2, 0], [0, 0]], X_high = 0, basis q = e1 (right side):
+    # projections (X q)^T = [2, 0] and [0, 0]; D^T = [2, 0]; the rank-1 approximation D q^T = [[2, 0], [0, 0]] is the
+    # whole difference here; with c = 1/2 the low member moves to [[1, 0], [0, 0]], the high one to the same: the
+    # pair's mean, exactly
     x_low, x_high = torch.tensor([[2.0, 0.0], [0.0, 0.0]]), torch.zeros(2, 2)
-    q = torch.tensor([[1.0], [0.0]])
-    p_low = lowrank_project(x_low, q, True, torch.empty(2, 1))
-    p_high = lowrank_project(x_high, q, True, torch.empty(2, 1))
-    assert p_low.tolist() == [[2.0], [0.0]] and p_high.tolist() == [[0.0], [0.0]]
-    d = lowrank_correction_(x_low, p_low, p_high, q, True, -0.5)
-    lowrank_correction_(x_high, p_low, p_high, q, True, 0.5)
+    q_t = torch.tensor([[1.0, 0.0]])
+    p_low = lowrank_project(x_low, q_t, True, torch.empty(1, 2))
+    p_high = lowrank_project(x_high, q_t, True, torch.empty(1, 2))
+    assert p_low.tolist() == [[2.0, 0.0]] and p_high.tolist() == [[0.0, 0.0]]
+    d_t = lowrank_correction_(x_low, p_low, p_high, q_t, True, -0.5)
+    lowrank_correction_(x_high, p_low, p_high, q_t, True, 0.5)
     assert x_low.tolist() == x_high.tolist() == [[1.0, 0.0], [0.0, 0.0]]
     # the next round works on the left side: orthonormal(D) = e1 (rows)
-    assert orthonormal(d, q).tolist() == [[1.0], [0.0]]
+    assert orthonormal(d_t, q_t).tolist() == [[1.0, 0.0]]
     # a difference orthogonal to the basis is invisible to this round: X_low = [[0, 3]], q = e1 -> no change
     x = torch.tensor([[0.0, 3.0]])
-    lowrank_correction_(x, lowrank_project(x, q, True, torch.empty(1, 1)), torch.zeros(1, 1), q, True, -0.5)
+    lowrank_correction_(x, lowrank_project(x, q_t, True, torch.empty(1, 1)), torch.zeros(1, 1), q_t, True, -0.5)
     assert x.tolist() == [[0.0, 3.0]]
-    # left side: p = e2 (rows), X_low^T p for X_low = [[1, 2], [3, 4]] is [3, 4]; approximation p D^T = [[0, 0], [3, 4]]
-    x_low, p = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.0], [1.0]])
-    r_low = lowrank_project(x_low, p, False, torch.empty(2, 1))
-    assert r_low.tolist() == [[3.0], [4.0]]
-    lowrank_correction_(x_low, r_low, torch.zeros(2, 1), p, False, -0.5)
+    # left side: p = e2 (rows), (X_low^T p)^T for X_low = [[1, 2], [3, 4]] is [3, 4]; approximation p D^T =
+    # [[0, 0], [3, 4]]
+    x_low, p_t = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.0, 1.0]])
+    r_low = lowrank_project(x_low, p_t, False, torch.empty(1, 2))
+    assert r_low.tolist() == [[3.0, 4.0]]
+    lowrank_correction_(x_low, r_low, torch.zeros(1, 2), p_t, False, -0.5)
     assert x_low.tolist() == [[1.0, 2.0], [1.5, 2.0]]
-    # a zero difference keeps the previous basis (the pair agrees on that matrix)
-    assert torch.equal(orthonormal(torch.zeros(3, 1), torch.ones(3, 1)), torch.ones(3, 1))
+    # rank 2 on a 3x2 matrix, right side, q = I: the projections are X itself (transposed); the approximation is the
+    # whole difference
+    x_low, x_high, eye = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), torch.zeros(3, 2), torch.eye(2)
+    p2 = lowrank_project(x_low, eye, True, torch.empty(2, 3))
+    assert p2.tolist() == [[1.0, 3.0, 5.0], [2.0, 4.0, 6.0]]
+    lowrank_correction_(x_low, p2, lowrank_project(x_high, eye, True, torch.empty(2, 3)), eye, True, -0.5)
+    assert x_low.tolist() == [[0.5, 1.0], [1.5, 2.0], [2.5, 3.0]]
+    # a zero difference keeps the previous basis (the pair agrees on that matrix), or, if that was of the other
+    # side, takes the unit vector of equal entries: never a zero basis, which would hide every later difference
+    assert torch.equal(orthonormal(torch.zeros(1, 3), torch.ones(1, 3)), torch.ones(1, 3))
+    assert torch.equal(orthonormal(torch.zeros(1, 4), torch.ones(1, 3)), torch.full((1, 4), 0.5))
+    q2 = orthonormal(torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]))  # rank 2: rows orthonormal, row-major
+    assert q2.is_contiguous() and torch.allclose(q2 @ q2.t(), torch.eye(2), atol=1e-6)
 
 
 def test_which_parameters_travel_as_factors() -> None:
@@ -98,6 +112,38 @@ def test_the_mean_is_kept_and_consensus_shrinks_in_a_few_rounds() -> None:
         assert drift <= 4 * 40 * max(o["ulp"] for o in out)
     d = out[0]["distances"]
     assert d[2] < d[1] < d[0]
+
+
+def _agree_then_differ(rank: int, world_size: int) -> list[float]:
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 6), torch.nn.Linear(3, 6)  # b.weight is 6x3: its two sides differ in length
+    opt = DecentOptimWrapper(torch.optim.SGD([*a.parameters(), *b.parameters()], lr=0.1), topology="ring",
+                             compression=LowRank(rank=1))
+    gap = []
+    for step in range(30):
+        g = torch.Generator().manual_seed(10 * rank + step)
+        opt.zero_grad()
+        if step < 3:  # b gets no gradient: the ranks hold the same b, and its rounds see a zero difference
+            a(torch.randn(2, 4, generator=g)).square().mean().backward()
+        elif step < 6:  # now they differ
+            b(torch.randn(2, 3, generator=g)).square().mean().backward()
+        else:  # gossip alone
+            for group in opt.param_groups:
+                group["lr"] = 0.0
+        opt.step()
+        if step >= 5:
+            w = b.weight.detach().clone()
+            dist.all_reduce(w, group=None)  # the pair's sum; the gap is |x0 - x1| = |2 x_rank - sum|
+            gap.append(float((2 * b.weight.detach() - w).norm()))
+    opt.finish()
+    return gap
+
+
+def test_a_difference_that_appears_after_the_pair_agreed_is_still_gossiped() -> None:
+    # a round that sees the pair agree on a matrix (zero difference) must leave a usable basis: with a zero one
+    # every later projection is zero and the matrix is never averaged again
+    gap = run_ranks(_agree_then_differ, 2)[0]
+    assert gap[0] > 1e-3 and gap[-1] < 1e-3 * gap[0], gap
 
 
 def test_bytes_sent_match_the_formula() -> None:

@@ -45,3 +45,20 @@ def test_main_job_runs_every_method_and_writes_its_outputs(tmp_path: Path) -> No
     # the legend under the table says what step ms is: waiting for and mixing a round, not overhead
     assert "step ms: the part of it spent in step(). For the gossip methods that is mostly waiting for the" \
         in proc.stdout and "not the wrapper's overhead" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_low_rank_gossip_reaches_the_accuracy_of_full_precision(tmp_path: Path) -> None:
+    # the main job at its default size (4 workers, 400 steps): LowRank(rank=4) within 1 point of full precision
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "train_compare.py"), "--methods", "ring", "ring+lowrank4",
+         "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=380, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["method"]: r for r in json.loads((out / "summary.json").read_text())["results"]}
+    full, low = rows["ring"]["test_acc_global_avg"], rows["ring+lowrank4"]["test_acc_global_avg"]
+    assert abs(full - low) <= 0.01, (full, low)
+    assert rows["ring+lowrank4"]["bytes_per_step_x_model"] < 0.1 * rows["ring"]["bytes_per_step_x_model"]

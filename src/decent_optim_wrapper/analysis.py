@@ -18,26 +18,20 @@ import argparse
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
 from . import mixing
+from .config import GossipConfig, LowRank
+from .plan import Plan
 from .topo import Group, Schedule, Topology, TopologyFactory
-from .transport import (
-    COMPRESSED_GATHER_MAX,
-    AllGatherCompressed,
-    AllReduceSum,
-    P2PPair,
-    P2PPairCompressed,
-    choose,
-    spans,
-)
+from .transport import AllGatherCompressed, AllReduceSum, P2PPair, P2PPairCompressed, spans
 
 __all__ = ["TopologyReport", "mixing_matrix", "period_matrix", "bytes_per_step", "analyze", "Network",
            "predict_gossip", "predict_ddp", "ddp_hidden_fraction", "predict_table", "time_round_work",
-           "measure_round_work", "RoundWork"]
+           "measure_round_work", "time_lowrank_work", "RoundWork", "LowRankLayout"]
 
 # Below this, a period's product is taken to equal the exact average (float64 round-off of ~log2(n) rounds).
 EXACT_TOL = 1e-9
@@ -64,9 +58,9 @@ def period_matrix(schedule: Schedule) -> torch.Tensor:
 
 
 def _group_bytes(g: Group) -> float:
-    """Model-sizes one member sends for its group: a pair exchanges once; larger groups all-reduce (ring)."""
-    k = g.size
-    return 0.0 if k == 1 else 1.0 if k == 2 else 2.0 * (k - 1) / k
+    """Model-sizes one member sends for its group in full precision on gloo and CPU (the plan's route): a pair
+    exchanges once; larger groups all-reduce (ring)."""
+    return 0.0 if g.size == 1 else Plan().route(g).bytes(1, 1)
 
 
 def bytes_per_step(schedule: Schedule) -> tuple[float, float]:
@@ -156,10 +150,25 @@ def _transfer(nbytes: float, messages: int, bandwidth: float, latency: float) ->
     return messages * latency + nbytes / bandwidth
 
 
-def _round_time(groups: tuple[Group, ...], local: int, model_bytes: float, wire: float,
-                net: Network) -> tuple[float, float]:
+# LowRank for the cost model: (rank r, the (rows, cols) of every parameter that travels as factors)
+LowRankLayout = tuple[int, Sequence[tuple[int, int]]]
+
+
+def _plan(wire_bytes: int, lowrank: LowRankLayout | None = None) -> Plan:
+    """The plan the cost model prices: gloo on CPU hosts, bfloat16 on the wire for ``wire_bytes`` 2."""
+    return Plan(GossipConfig(wire_dtype=torch.bfloat16 if wire_bytes == 2 else None,
+                             compression=LowRank(rank=lowrank[0]) if lowrank is not None else None))
+
+
+def _round_time(groups: tuple[Group, ...], local: int, model_bytes: float, wire_bytes: int,
+                net: Network, lowrank: LowRankLayout | None = None) -> tuple[float, float]:
     """Seconds until the slowest member of a round has its result (groups of ``local`` consecutive ranks share
-    a host and its link), and the most bytes one rank sends and receives in it."""
+    a host and its link), and the most bytes one rank sends and receives in it. Each group's bytes are those of
+    its routes in the plan (:meth:`Plan.route`): the transports the engine would run (``lowrank``: its matrices
+    as factors, the rest of ``model_bytes`` as without)."""
+    plan = _plan(wire_bytes, lowrank)
+    matrices = list(lowrank[1]) if lowrank is not None else []
+    dense_bytes = model_bytes - 4.0 * sum(r * c for r, c in matrices)
     host_out: dict[int, float] = {}  # bytes each host's link carries in this round
     intra = 0.0
     moved = 0.0
@@ -168,12 +177,9 @@ def _round_time(groups: tuple[Group, ...], local: int, model_bytes: float, wire:
         if k == 1:
             continue
         hosts = {r // local for r in g.ranks}
-        if k == 2:
-            sent = model_bytes * wire  # a pair: the whole model each way, both ways at once
-        elif wire < 1.0 and k <= COMPRESSED_GATHER_MAX:
-            sent = model_bytes * wire * (k - 1)  # small compressed groups all-gather
-        else:
-            sent = model_bytes * 2.0 * (k - 1) / k  # ring all-reduce in full precision
+        sent = plan.route(g, plan.kind(torch.float32)).bytes(dense_bytes / 4.0, 4)
+        if matrices:
+            sent += plan.route(g, "lowrank").bytes(0, 4, matrices)
         moved = max(moved, 2.0 * sent)  # as much received as sent
         if len(hosts) == 1:
             intra = max(intra, _transfer(sent, 2 * (k - 1), net.intra_bandwidth, 0.0))
@@ -199,7 +205,7 @@ def time_round_work(numel: int, group_size: int, wire_bytes: int = 4, repeats: i
     """Seconds one CPU core takes to prepare and apply one round of ``numel`` float32 elements, no communication.
 
     Runs the kernels of :mod:`~decent_optim_wrapper.mixing` that the transport gloo picks for a group of
-    ``group_size`` (:func:`~decent_optim_wrapper.transport.choose`) would run, on one thread; the median of
+    ``group_size`` (its route in :meth:`~decent_optim_wrapper.plan.Plan.route`) would run, on one thread; the median of
     ``repeats``. A full-precision round copies what it sends and applies ``mix(sent, peers) + (x - sent)``
     (5 passes); a compressed pair rounds its values and applies the correction (4 passes, two of them
     converting): on CPU hosts that is the difference between the two wire dtypes that no byte count shows.
@@ -209,9 +215,9 @@ def time_round_work(numel: int, group_size: int, wire_bytes: int = 4, repeats: i
                          "need a group of at least 2, at least 1 element and 1 repeat")
     if wire_bytes not in (2, 4):
         raise ValueError(f"Invalid wire_bytes={wire_bytes}: must be 4 (float32) or 2 (bfloat16)")
-    wire = torch.bfloat16 if wire_bytes == 2 else None
     k, c = group_size, 1.0 / group_size
-    kind = choose(Group(tuple(range(k))), "gloo", torch.device("cpu"), wire)
+    plan = _plan(wire_bytes)
+    kind = plan.route(Group(tuple(range(k))), plan.kind(torch.float32)).transport
     compressed = kind in (P2PPairCompressed, AllGatherCompressed)  # groups too large to gather stay in float32
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(numel, generator=gen)
@@ -256,6 +262,39 @@ def time_round_work(numel: int, group_size: int, wire_bytes: int = 4, repeats: i
     return statistics.median(times)
 
 
+def time_lowrank_work(matrices: Sequence[tuple[int, int]], rank: int = 1, repeats: int = 5) -> float:
+    """Seconds one CPU core takes for a low-rank round's own work on ``matrices`` (``(rows, cols)``, float32):
+    project each on the edge's basis, apply the correction, orthonormalise the next basis (both sides taking
+    turns: the mean of a right and a left round); the median of ``repeats``."""
+    if rank < 1 or repeats < 1 or not matrices:
+        raise ValueError(f"Invalid rank={rank}, repeats={repeats} or matrices={list(matrices)}: need rank >= 1, "
+                         "repeats >= 1 and at least one matrix")
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(r, c, generator=gen) for r, c in matrices]
+    bases = [(torch.randn(c, rank, generator=gen), torch.randn(r, rank, generator=gen)) for r, c in matrices]
+
+    def run() -> None:
+        for right in (True, False):
+            for x, (q_right, q_left) in zip(xs, bases):
+                q = q_right if right else q_left
+                mine = mixing.lowrank_project(x, q, right, torch.empty(x.shape[0] if right else x.shape[1], rank))
+                d = mixing.lowrank_correction_(x, mine, mine * 0.5, q, right, 1e-12)  # alpha 0 may skip the product
+                mixing.orthonormal(d, q_left if right else q_right)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) / 2)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
 def measure_round_work(numel: int, scale: float = 1.0) -> RoundWork:
     """A :data:`RoundWork` that times each ``(group size, wire bytes)`` once with :func:`time_round_work` and
     multiplies by ``scale`` (the ranks sharing a core on the hosts predicted)."""
@@ -271,7 +310,8 @@ def measure_round_work(numel: int, scale: float = 1.0) -> RoundWork:
 
 def predict_gossip(topology: str, world_size: int, model_bytes: float, compute_s: float, net: Network,
                    local_world_size: int = 1, wire_bytes: int = 4, apply_s: float | RoundWork = 0.0,
-                   step_s: float = 0.0) -> float:
+                   step_s: float = 0.0, *, max_delay: int = 1, gossip_every: int = 1,
+                   lowrank: LowRankLayout | None = None) -> float:
     """Predicted seconds per iteration of ``DecentOptimWrapper`` with ``topology``.
 
     A round's communication overlaps the next forward and backward, so an iteration takes the longer of the
@@ -281,15 +321,23 @@ def predict_gossip(topology: str, world_size: int, model_bytes: float, compute_s
     preparing and applying a round (memory passes: one figure for every round, or a :data:`RoundWork` of the
     round's largest group, e.g. :func:`measure_round_work`), adds to both sides: it takes the rank's time, and
     it too runs between a round landing and the next leaving. Averaged over the schedule's period.
+
+    ``gossip_every=H``: one round per ``H`` steps, which it overlaps (``H`` computations against one round).
+    ``max_delay > 1``: the next round leaves before this one lands, so the link carries rounds back to back and
+    the step and the apply no longer wait between them: the link side is the round's transfer alone.
+    ``lowrank=(r, [(rows, cols), ...])``: those matrices travel as rank-``r`` factors (the sides taking turns),
+    the rest of ``model_bytes`` as without (``LowRank`` of :class:`~decent_optim_wrapper.config.GossipConfig`).
     """
     s = TopologyFactory.create(topology, 0, world_size, local_world_size).schedule()
-    wire = wire_bytes / 4.0
+    h = gossip_every
     times = []
     for r in s.rounds:
-        link, moved = _round_time(r, local_world_size, model_bytes, wire, net)
+        link, moved = _round_time(r, local_world_size, model_bytes, wire_bytes, net, lowrank)
         k = max(g.size for g in r)
         work = 0.0 if k == 1 else apply_s(k, wire_bytes) if callable(apply_s) else apply_s  # k == 1: no round
-        times.append(max(compute_s + work + moved * net.host_s_per_byte, link + step_s + work))
+        compute = h * compute_s + work + moved * net.host_s_per_byte
+        wire_side = link if max_delay > 1 else link + step_s + work
+        times.append(max(compute, wire_side) / h)
     return sum(times) / len(times)
 
 

@@ -43,8 +43,9 @@ from loguru import logger
 from .buckets import Bucket
 from .comm import Failure, GossipError, Op, ProcessGroups, Stamp, StampExchange, digest32, global_rank, wait_all
 from .config import GossipConfig
+from .plan import Plan
 from .topo import Group, Schedule
-from .transport import P2PPairLowRank, Piece, Transport, choose
+from .transport import P2PPairLowRank, Piece, Transport
 
 __all__ = ["Gossip", "CommStats", "Shadow", "next_instance"]
 
@@ -138,8 +139,13 @@ class Gossip:
     """
 
     def __init__(self, schedule: Schedule, rank: int, buckets: list[Bucket], groups: ProcessGroups | None,
-                 config: GossipConfig | None = None) -> None:
+                 config: GossipConfig | None = None, plan: Plan | None = None) -> None:
         config = config if config is not None else GossipConfig()
+        device = buckets[0].flat.device if buckets else torch.device("cpu")
+        # how every round travels (plan.py); given: its config must be this one
+        self.plan = plan if plan is not None else Plan(config, groups.backend if groups is not None else "gloo", device)
+        if self.plan.config != config:
+            raise ValueError("internal error: Gossip's plan was made for another configuration")
         self.schedule, self.rank, self.buckets, self.groups, self.config = schedule, rank, buckets, groups, config
         self.wire_dtype, self.timeout, self.check_rounds = config.wire_dtype, config.timeout_delta, config.check_rounds
         self.pair_transport = config.pair_transport
@@ -163,12 +169,12 @@ class Gossip:
         # full-precision transport, one for the buckets that travel compressed, one for the low-rank ones.
         self._transports: dict[tuple[tuple[int, ...], str], Transport] = {}
         if groups is not None:
-            groups.prepare(self._group_slots())
+            groups.prepare(self.plan.process_groups(schedule, groups.world_size, self.check_rounds))
         damping = in_flight_at_once(schedule, rank, self.max_delay)
         for t in range(schedule.period):
             group = damped(schedule.group(rank, t), damping)
             if group.size > 1 and (group.ranks, "full") not in self._transports:
-                for kind in self._kinds():
+                for kind in self.plan.kinds():
                     self._transports[group.ranks, kind] = self._make_transport(group, kind)
             logger.debug("rank {} round {}: group {} weight {}", rank, t, list(group.ranks), group.self_weight)
 
@@ -275,7 +281,7 @@ class Gossip:
         pieces: list[Piece] = []
         parts: list[tuple[Transport, list[int]]] = []
         sent = 0
-        for kind in self._kinds():
+        for kind in self.plan.kinds():
             part = [i for i in ids if self._kind(i) == kind]
             if part:
                 transport = self._transports[group.ranks, kind]
@@ -569,52 +575,10 @@ class Gossip:
     def _active_ids(self) -> list[int]:
         return [i for i, b in enumerate(self.buckets) if not b.frozen]
 
-    def _group_slots(self) -> list[list[tuple[tuple[int, ...], str]]]:
-        """Every process group the schedule needs, on any rank, in slots of disjoint groups (one slot per round
-        and kind), in the same order on every rank (see :meth:`ProcessGroups.prepare`)."""
-        assert self.groups is not None
-        device = self.buckets[0].flat.device if self.buckets else torch.device("cpu")
-        everyone = tuple(range(self.groups.world_size))
-        slots: list[list[tuple[tuple[int, ...], str]]] = [[(everyone, "control")]]
-        for groups in self.schedule.rounds:
-            data: list[tuple[tuple[int, ...], str]] = []
-            back: list[tuple[tuple[int, ...], str]] = []
-            control: list[tuple[tuple[int, ...], str]] = []
-            for g in sorted(groups, key=lambda g: g.ranks):
-                if g.size < 2:
-                    continue
-                for kind in self._kinds():
-                    wire = self.wire_dtype if kind == "wire" else None
-                    cls = choose(g, self.groups.backend, device, wire, self.pair_transport, lowrank=kind == "lowrank")
-                    if not cls.point_to_point:
-                        data.append((g.ranks, "data"))
-                    elif self._two_connections(device):
-                        back = [(everyone, "data-back")]
-                if g.size > 2 and self.check_rounds:
-                    control.append((g.ranks, "control"))
-            slots += [list(dict.fromkeys(slot)) for slot in (data, back, control) if slot]
-        return slots
-
-    def _two_connections(self, device: torch.device) -> bool:
-        """Point to point with each direction on a connection of its own: gloo (NCCL runs a batch both ways)."""
-        assert self.groups is not None
-        return device.type == "cpu" and "nccl" not in self.groups.backend
-
-    def _kinds(self) -> list[str]:
-        """How buckets travel in this world: ``"full"`` precision, ``"wire"`` (rounded to the wire dtype),
-        ``"lowrank"`` (factors of the pair's difference)."""
-        return ["full"] + (["wire"] if self.wire_dtype is not None else []) + \
-            (["lowrank"] if self.config.compression is not None else [])
-
     def _kind(self, i: int) -> str:
-        """How bucket ``i`` travels: as low-rank factors, rounded to the wire dtype (only where it is narrower than
-        the bucket's own), or in full precision."""
+        """How bucket ``i`` travels (see :meth:`Plan.kind`)."""
         bucket = self.buckets[i]
-        if bucket.lowrank:
-            return "lowrank"
-        narrower = self.wire_dtype is not None and \
-            torch.empty((), dtype=self.wire_dtype).element_size() < bucket.flat.element_size()
-        return "wire" if narrower else "full"
+        return self.plan.kind(bucket.flat.dtype, bucket.lowrank)
 
     def _matrices(self, i: int) -> list[tuple[int, int, int]]:
         """``(offset, rows, cols)`` of every parameter of bucket ``i`` viewed as a matrix ``(shape[0], -1)``."""
@@ -622,10 +586,9 @@ class Gossip:
         return [(off, p.shape[0], p.numel() // p.shape[0]) for p, off in zip(bucket.params, bucket.offsets)]
 
     def _make_transport(self, group: Group, kind: str) -> Transport:
+        """The transport of :meth:`Plan.route`, connected: its process groups and peer."""
         assert self.groups is not None
-        device = self.buckets[0].flat.device if self.buckets else torch.device("cpu")
-        wire = self.wire_dtype if kind == "wire" else None
-        cls = choose(group, self.groups.backend, device, wire, self.pair_transport, lowrank=kind == "lowrank")
+        route = self.plan.route(group, kind)
         peer = None
         if group.size == 2:
             other = group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1]
@@ -633,19 +596,17 @@ class Gossip:
         # Point-to-point goes on the gossip world's group (peers addressed by global rank), on gloo the lower rank
         # of a pair sending on it and the higher on its twin; collectives go on the group's own.
         pg, pg_back = self.groups.parent, None
-        if not cls.point_to_point:
+        if not route.point_to_point:
             pg = self.groups.data(group.ranks)
-        elif self._two_connections(device):
+        elif route.connections == 2:
             # the world group as an object: None would read as "one connection" in the transport
             pg = pg if pg is not None else dist.group.WORLD
             back = self.groups.data_back()
             pg, pg_back = (pg, back) if self.rank < min(r for r in group.ranks if r != self.rank) else (back, pg)
-        if cls is P2PPairLowRank:
-            compression = self.config.compression
-            assert compression is not None
-            return P2PPairLowRank(group, self.rank, pg, peer, self.tag, None, pg_back, rank_r=compression.rank,
+        if route.transport is P2PPairLowRank:
+            return P2PPairLowRank(group, self.rank, pg, peer, self.tag, None, pg_back, rank_r=route.lowrank_rank or 1,
                                   layout=self._matrices)
-        return cls(group, self.rank, pg, peer, self.tag, wire, pg_back)
+        return route.transport(group, self.rank, pg, peer, self.tag, route.wire_dtype, pg_back)
 
     def _buffer(self, i: int, slot: int, dtype: torch.dtype, numel: int | None = None, lane: int = 0) -> torch.Tensor:
         """Buffer ``slot`` of bucket ``i`` (``numel`` elements, default the bucket's) for the rounds of ``lane``

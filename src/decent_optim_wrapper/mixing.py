@@ -189,36 +189,50 @@ def compressed_mix_(x: torch.Tensor, q_self: torch.Tensor, q_group: Sequence[tor
 # member adds it (equal and opposite: the pair's sum is kept up to the final additions' rounding), and the next
 # round of the edge uses the other side, orthonormal(D), as its basis: one power iteration step per round, warm
 # started from the previous one (Vogels, Karimireddy and Jaggi, PowerGossip, NeurIPS 2020).
+#
+# Layout: every factor is held transposed, ``r`` rows of one side's length (``Q^T``, ``(X Q)^T``, ``D^T``), row-major.
+# Then each product is one BLAS call on contiguous operands: on one CPU core and a 1024 x 1024 matrix at r = 4,
+# X^T P as mm(x.t(), P) with P column-major (what QR returns) took 2.9-3.5 ms, as mm(P^T, x) 0.2 ms; the other
+# kernels 0.17-0.63 ms (benchmarks/README.md, "Low-rank gossip").
 
 
 @torch.no_grad()
-def lowrank_project(x: torch.Tensor, basis: torch.Tensor, right: bool, out: torch.Tensor) -> torch.Tensor:
-    """``out <- x @ basis`` (``right``) or ``x.T @ basis``: what a member sends of matrix ``x``."""
-    return torch.mm(x, basis, out=out) if right else torch.mm(x.t(), basis, out=out)
-
-
-@torch.no_grad()
-def lowrank_correction_(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, basis: torch.Tensor, right: bool,
-                        scale: float) -> torch.Tensor:
-    """``x <- x + scale * approx`` with ``approx = D @ basis.T`` (``right``) or ``basis @ D.T``, ``D = low - high``
-    (the low and the high member's projections); returns ``D``. ``scale``: ``-c`` on the low member, ``+c`` on the
-    high one, so that the two corrections are each other's negation to the last bit."""
-    d = torch.sub(low, high)
+def lowrank_project(x: torch.Tensor, basis_t: torch.Tensor, right: bool, out_t: torch.Tensor) -> torch.Tensor:
+    """``out_t <- (x @ Q)^T`` (``right``; ``basis_t`` is ``Q^T``, ``r x cols``) or ``(x^T @ P)^T = P^T @ x``
+    (``basis_t`` is ``P^T``, ``r x rows``): what a member sends of matrix ``x``, ``r x rows`` or ``r x cols``."""
     if right:
-        x.addmm_(d, basis.t(), alpha=scale)
-    else:
-        x.addmm_(basis, d.t(), alpha=scale)
-    return d
+        return out_t.copy_(torch.mm(x, basis_t.t()).t())  # x @ Q with Q column-major: BLAS's fast path
+    return torch.mm(basis_t, x, out=out_t)
 
 
 @torch.no_grad()
-def orthonormal(d: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of the columns of ``d``: the same on both members, who hold the same ``d``.
+def lowrank_correction_(x: torch.Tensor, low_t: torch.Tensor, high_t: torch.Tensor, basis_t: torch.Tensor,
+                        right: bool, scale: float) -> torch.Tensor:
+    """``x <- x + scale * approx`` with ``approx = D @ Q^T`` (``right``) or ``P @ D^T``, ``D^T = low_t - high_t``
+    (the low and the high member's projections, transposed); returns ``D^T``. ``scale``: ``-c`` on the low member,
+    ``+c`` on the high one, so that the two corrections are each other's negation to the last bit."""
+    d_t = torch.sub(low_t, high_t)
+    if right:
+        x.addmm_(d_t.t(), basis_t, alpha=scale)
+    else:
+        x.addmm_(basis_t.t(), d_t, alpha=scale)
+    return d_t
 
-    One column: ``d / |d|``, or ``previous`` where ``d`` is zero (the pair agrees on that matrix; chosen on the
-    device, so the host never waits). Several: the reduced QR's ``Q`` (an orthonormal basis even of a zero ``d``).
+
+@torch.no_grad()
+def orthonormal(d_t: torch.Tensor, previous_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``B^T`` for an orthonormal basis ``B`` of the columns of ``D`` (given as ``d_t``, ``r x n``): the same on
+    both members, who hold the same ``d_t``.
+
+    One row: ``d_t / |d_t|``; where ``d_t`` is zero (the pair agrees on that matrix, e.g. after ``global_avg()``),
+    ``previous_t`` if it has ``d_t``'s shape, else the unit vector of equal entries, so that later rounds still see
+    a difference that appears (a zero basis would hide every later one). Chosen on the device: the host never
+    waits. Several rows: the reduced QR's ``Q``, transposed (an orthonormal basis even of a zero ``D``); row-major,
+    as every factor is held.
     """
-    if d.shape[1] == 1:
-        norm = torch.linalg.vector_norm(d)
-        return torch.where(norm > 0, d / norm, previous)
-    return torch.linalg.qr(d).Q
+    if d_t.shape[0] == 1:
+        norm = torch.linalg.vector_norm(d_t)
+        if previous_t is None or previous_t.shape != d_t.shape:
+            previous_t = torch.full_like(d_t, d_t.shape[1] ** -0.5)
+        return torch.where(norm > 0, d_t / norm, previous_t)
+    return torch.linalg.qr(d_t.t()).Q.t().contiguous()

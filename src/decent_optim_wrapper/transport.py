@@ -33,7 +33,8 @@ after another. The arithmetic is elementwise, so the result is bit for bit the s
 buckets (an all-reduce of a piece sums in another order than one of the bucket), and so do CUDA tensors (the
 host never waits for them; more pieces would only mean more kernel launches).
 
-Which transport a group gets is :func:`choose` 's decision, per backend and device (see there for the figures).
+Which transport a group gets is decided by :meth:`~decent_optim_wrapper.plan.Plan.route`, per backend, device and
+configuration (see there for the figures); this module only moves and mixes.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from .mixing import (
 from .topo import Group
 
 __all__ = ["Transport", "Piece", "PIECE", "P2PPair", "AllReduceSum", "P2PPairCompressed", "AllGatherCompressed",
-           "P2PPairLowRank", "choose", "lowrank_problem", "PAIR_TRANSPORTS"]
+           "P2PPairLowRank", "PAIR_TRANSPORTS"]
 
 # A buffer of the gossip state: (bucket index, slot, dtype[, numel]) -> tensor (default: the size of the bucket).
 BufferFn = Callable[..., torch.Tensor]
@@ -141,9 +142,16 @@ class Transport(ABC):
         """``out <-`` what a launch now would send of ``flat`` (a copy, or its rounded values)."""
         return out.copy_(flat) if self.wire_dtype is None else quantize(flat, out)
 
+    @classmethod
     @abstractmethod
+    def wire_bytes(cls, k: int, numel: int | float, element_size: int) -> float:
+        """Bytes a member of a group of ``k`` sends in a round of ``numel`` elements that travel as
+        ``element_size`` bytes each (the cost model prices routes with it; :meth:`bytes_sent` counts with it)."""
+
     def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
-        """Bytes this rank sends for the round (ring all-reduce and all-gather: the usual 2(k-1)/k, (k-1)/k)."""
+        """Bytes this rank sends for the round of buckets ``flats``."""
+        size = torch.empty((), dtype=self.wire_dtype).element_size() if self.wire_dtype is not None else None
+        return int(sum(self.wire_bytes(self.group.size, f.numel(), size or f.element_size()) for f in flats))
 
     def _exchange(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], tag: int,
                   prepare: Callable[[int], object] | None = None) -> list[list[dist.Work]]:
@@ -191,8 +199,9 @@ class P2PPair(Transport):
         w = self.group.self_weight
         return [Piece(ws, partial(pair_mix_sent_, x, sent, peer, w)) for (x, sent, peer), ws in zip(parts, works)]
 
-    def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
-        return sum(f.numel() * f.element_size() for f in flats)
+    @classmethod
+    def wire_bytes(cls, k: int, numel: int | float, element_size: int) -> float:
+        return numel * element_size
 
 
 class AllReduceSum(Transport):
@@ -211,6 +220,10 @@ class AllReduceSum(Transport):
             work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.pg, async_op=True)
             pieces.append(Piece([work], partial(group_mix_sent_, flat, sent, buf, g.self_weight, g.peer_weight)))
         return pieces
+
+    @classmethod
+    def wire_bytes(cls, k: int, numel: int | float, element_size: int) -> float:
+        return numel * element_size * 2 * (k - 1) / k  # ring all-reduce
 
     def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
         k = self.group.size
@@ -235,9 +248,9 @@ class P2PPairCompressed(Transport):
         return [Piece(w, partial(compressed_pair_mix_, x, mine, theirs, c))
                 for (x, mine, theirs), w in zip(parts, works)]
 
-    def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
-        size = torch.empty((), dtype=self.wire_dtype).element_size()
-        return sum(f.numel() for f in flats) * size
+    @classmethod
+    def wire_bytes(cls, k: int, numel: int | float, element_size: int) -> float:
+        return numel * element_size
 
 
 class AllGatherCompressed(Transport):
@@ -261,49 +274,9 @@ class AllGatherCompressed(Transport):
             pieces.append(Piece([work], partial(compressed_mix_, flat, slots[me], slots, self.group.peer_weight)))
         return pieces
 
-    def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
-        size = torch.empty((), dtype=self.wire_dtype).element_size()
-        k = self.group.size
-        return sum(f.numel() for f in flats) * size * (k - 1)  # ring all-gather: every member's piece, once
-
-
-def choose(group: Group, backend: str, device: torch.device, wire_dtype: torch.dtype | None,
-           pair_transport: str = "auto", lowrank: bool = False) -> type[Transport]:
-    """The transport for a group of two or more ranks.
-
-    * Pairs on gloo with CPU tensors: point to point, each direction on a connection of its own. Measured
-      (``benchmarks/pairwise_exchange.py``, 12.8 MB): on a 1 Gbit/s emulated link 113 ms against 216 ms on one
-      connection and 114 ms for a 2-rank all-reduce (107 ms one way); over loopback 12.6 ms against 13.8 and
-      15.0 ms, and ahead at every size from 0.4 to 40 MB (``benchmarks/results/pairwise/``).
-    * Pairs with CUDA tensors on gloo: gloo has no point-to-point for CUDA tensors (it aborts the process),
-      so they use the collectives.
-    * Pairs on NCCL: point to point (one exchange each way, no scaling pass; a 2-rank all-reduce moves the
-      same bytes in two phases).
-    * Larger groups: an all-reduce of ``c*x`` in full precision. With a wire dtype, groups of three gather
-      every member's rounded values (a low-precision all-reduce would round the sum itself, and the mean
-      would drift): each member sends ``2(k-1)`` bytes per element in bfloat16 against ``8(k-1)/k`` for a
-      float32 ring all-reduce, which is less only for ``k < 4``; larger groups stay in full precision.
-
-    ``pair_transport`` (``"p2p"`` or ``"allreduce"``) overrides the choice for full-precision pairs.
-    ``lowrank``: the buckets of matrices that travel as low-rank factors; pairs only, point to point (see
-    :func:`lowrank_problem`).
-    """
-    if pair_transport not in PAIR_TRANSPORTS:
-        raise ValueError(f"Invalid pair_transport={pair_transport!r}. Must be one of {PAIR_TRANSPORTS}.")
-    p2p_ok = not (device.type == "cuda" and "nccl" not in backend)
-    if lowrank:
-        problem = lowrank_problem(group, backend, device)
-        if problem is not None:
-            raise ValueError(problem)
-        return P2PPairLowRank
-    if group.size == 2 and p2p_ok:
-        if wire_dtype is not None:
-            return P2PPairCompressed
-        if pair_transport != "allreduce":
-            return P2PPair
-    if wire_dtype is not None and group.size <= COMPRESSED_GATHER_MAX:
-        return AllGatherCompressed
-    return AllReduceSum
+    @classmethod
+    def wire_bytes(cls, k: int, numel: int | float, element_size: int) -> float:
+        return numel * element_size * (k - 1)  # ring all-gather: every member's piece, once
 
 
 class P2PPairLowRank(Transport):
@@ -342,12 +315,13 @@ class P2PPairLowRank(Transport):
         return widest, widest
 
     def basis(self, i: int, j: int, rows: int, cols: int, like: torch.Tensor) -> tuple[bool, torch.Tensor]:
-        """The edge's current basis of matrix ``j`` of bucket ``i``: ``(right, basis)``; drawn at first use."""
+        """The edge's current basis of matrix ``j`` of bucket ``i``: ``(right, basis^T)`` (``r x cols`` or
+        ``r x rows``, see :mod:`~decent_optim_wrapper.mixing`); drawn at first use."""
         if (i, j) not in self.bases:
             g = torch.Generator().manual_seed(digest32(self.seed, self.group.ranks, i, j))
             start = torch.randn(cols, self.r, generator=g, dtype=torch.float64)
             q = torch.linalg.qr(start).Q if self.r > 1 else start / torch.linalg.vector_norm(start)
-            self.bases[i, j] = (True, q.to(device=like.device, dtype=like.dtype))
+            self.bases[i, j] = (True, q.t().contiguous().to(device=like.device, dtype=like.dtype))
         return self.bases[i, j]
 
     def sent(self, ids: list[int], buffer: BufferFn, flats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -368,7 +342,7 @@ class P2PPairLowRank(Transport):
                     sent[room + b:room + b + basis.numel()].copy_(basis.reshape(-1))
                     sides[j] = 1.0 if right else 0.0
                     x = flat[offset:offset + rows * cols].view(rows, cols)
-                    lowrank_project(x, basis, right, out=sent[p:p + n_proj].view(-1, self.r))
+                    lowrank_project(x, basis, right, out_t=sent[p:p + n_proj].view(self.r, -1))
                     p, b = p + n_proj, b + basis.numel()
             used = self._projected(mats, sides)
             recv = buffer(i, 0, flat.dtype, room)[:used]
@@ -391,16 +365,19 @@ class P2PPairLowRank(Transport):
         for j, (offset, rows, cols) in enumerate(mats):
             right = bool(flags[j])
             n_proj, n_basis = self.r * (rows if right else cols), self.r * (cols if right else rows)
-            mine, theirs = sent[p:p + n_proj].view(-1, self.r), recv[p:p + n_proj].view(-1, self.r)
-            basis = sent[room + b:room + b + n_basis].view(-1, self.r)
+            mine, theirs = sent[p:p + n_proj].view(self.r, -1), recv[p:p + n_proj].view(self.r, -1)
+            basis = sent[room + b:room + b + n_basis].view(self.r, -1)
             low, high = (mine, theirs) if self.low else (theirs, mine)
             x = flat[offset:offset + rows * cols].view(rows, cols)
             d = lowrank_correction_(x, low, high, basis, right, scale)
             # the next round of this edge works on the other side, from this difference (the same on both members)
-            previous = self.bases.get((i, j), (right, basis))[1]
-            other = orthonormal(d, previous) if previous.shape == d.shape else orthonormal(d, d)
+            other = orthonormal(d, self.bases.get((i, j), (right, None))[1])
             self.bases[i, j] = (not right, other.clone())
             p, b = p + n_proj, b + n_basis
+
+    @classmethod
+    def wire_bytes(cls, k: int, numel: int | float, element_size: int) -> float:
+        raise TypeError("low-rank bytes depend on the matrices: see Route.bytes")
 
     def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
         # the sides of the next launch: the bases as they are now (a launch does not change them)
@@ -424,17 +401,3 @@ class P2PPairLowRank(Transport):
             if not key.endswith("/right"):
                 i, j = (int(v) for v in key.split("/"))
                 self.bases[i, j] = (bool(state[f"{key}/right"]), value.clone())
-
-
-def lowrank_problem(group: Group, backend: str, device: torch.device) -> str | None:
-    """Why a group cannot gossip low-rank factors, or ``None``: they are pairs' (a larger group's members would
-    each need the difference to every other, so it is refused rather than sent edge by edge) and travel point to
-    point (gloo has none for CUDA tensors)."""
-    if group.size > 2:
-        return (f"Invalid compression=LowRank(...) with the group {list(group.ranks)} of {group.size} ranks: low-rank "
-                "gossip exchanges the factors of a pair's difference, so it needs a topology of pairs (ring, "
-                "one-peer-exp, torus; alternating-exp-ring with one rank per node).")
-    if device.type == "cuda" and "nccl" not in backend:
-        return ("Invalid compression=LowRank(...) with CUDA tensors on gloo: it sends point to point, which gloo "
-                "cannot do for CUDA tensors; use NCCL.")
-    return None

@@ -30,9 +30,9 @@ from .comm import (
 )
 from .config import GossipConfig, LowRank
 from .gossip import CommStats, Gossip, Shadow, next_instance
+from .plan import Plan
 from .reinit import build_lr_scheduler, build_optimizer, validate_lr_scheduler_config
 from .topo import Schedule, Topology, TopologyFactory
-from .transport import lowrank_problem
 
 __all__ = ["DecentOptimWrapper"]
 
@@ -72,7 +72,7 @@ class DecentOptimWrapper(Optimizer, Joinable):
             default ``None``, the parameters' own dtype. Parameters stay in their own precision, and the
             mix keeps the global mean exact (see :mod:`~decent_optim_wrapper.mixing`).
         pair_transport: how full-precision pairs travel: ``"auto"`` (the backend's fastest, see
-            :func:`~decent_optim_wrapper.transport.choose`), ``"p2p"`` or ``"allreduce"``.
+            :meth:`~decent_optim_wrapper.plan.Plan.route`), ``"p2p"`` or ``"allreduce"``.
         check_finite: after each mix and each local update, check that the parameters are finite and, if not,
             raise on this rank, naming which of the two produced them, and make its peers raise a
             ``GossipError`` that names it, before the values spread (costs two reductions and, on CUDA, two host
@@ -133,7 +133,7 @@ class DecentOptimWrapper(Optimizer, Joinable):
                                                      self._local_world_size)
         schedule: Schedule | None = checks.run(self._topology.schedule) if self._topology is not None else None
         if schedule is not None and cfg.compression is not None:
-            checks.run(_check_lowrank, schedule, self._rank, params, process_group)
+            checks.run(_check_lowrank, cfg, schedule, self._rank, params, process_group)
         self._bucket_cap_mb = cfg.bucket_cap_mb
         self._check_finite = cfg.check_finite
 
@@ -253,9 +253,8 @@ class DecentOptimWrapper(Optimizer, Joinable):
             dist.broadcast(b.flat, src=global_rank(self._pg, 0), group=self._pg)
 
     def _lowrank(self, p: torch.Tensor) -> bool:
-        """Whether parameter ``p`` travels as low-rank factors: a matrix (``(shape[0], -1)``) they make smaller."""
-        low = self._config.compression
-        return low is not None and p.dim() >= 2 and low.saves_bytes(p.shape[0], p.numel() // max(p.shape[0], 1))
+        """Whether parameter ``p`` travels as low-rank factors (see :meth:`Plan.lowrank`)."""
+        return Plan(self._config).lowrank(p)
 
     @property
     def _pg(self) -> dist.ProcessGroup | None:
@@ -831,12 +830,13 @@ def _config(config: Any, given: dict[str, Any]) -> GossipConfig:
     return config
 
 
-def _check_lowrank(schedule: Schedule, rank: int, params: list[torch.Tensor],
+def _check_lowrank(config: GossipConfig, schedule: Schedule, rank: int, params: list[torch.Tensor],
                    process_group: dist.ProcessGroup | None) -> None:
     """``ValueError`` where low-rank gossip cannot run: a group of more than two, CUDA tensors on gloo."""
     device = params[0].device if params else torch.device("cpu")
     backend = str(dist.get_backend(process_group)) if dist.is_available() and dist.is_initialized() else "gloo"
+    plan = Plan(config, backend, device)
     for t in range(schedule.period):
-        problem = lowrank_problem(schedule.group(rank, t), backend, device)
+        problem = plan.problem(schedule.group(rank, t))
         if problem is not None:
             raise ValueError(problem)
