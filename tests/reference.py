@@ -60,24 +60,16 @@ def mix_round(groups: Sequence[RefGroup], sent: list[torch.Tensor], current: lis
 
 
 def damp(rounds: list[list[RefGroup]], max_delay: int) -> list[list[RefGroup]]:
-    """The rounds with the weights they mix with when rounds span steps: a group of which ``k`` rounds can be in
-    flight at once (``k`` of the ``max_delay`` consecutive rounds ending at one of its own use it) gives its peers
-    ``(1 - w) / k`` instead of ``1 - w``."""
-    period = len(rounds)
-    k: dict[tuple[int, ...], int] = {}
-    for t, rnd in enumerate(rounds):
-        for ranks, _ in rnd:
-            key = tuple(sorted(ranks))
-            same = sum(any(tuple(sorted(r)) == key for r, _ in rounds[(t - back) % period])
-                       for back in range(max_delay))
-            k[key] = max(k.get(key, 0), same)
+    """The rounds with the weights they mix with when rounds span steps: with ``max_delay = d > 1`` every group
+    gives its peers ``(1 - w) / d`` instead of ``1 - w`` (the stability bound of delayed averaging: gossip.damped)."""
+    if max_delay <= 1:
+        return rounds
     out = []
     for rnd in rounds:
         groups: list[RefGroup] = []
         for ranks, weight in rnd:
             w = 1.0 / len(ranks) if weight is None else weight
-            n = k[tuple(sorted(ranks))]
-            groups.append((ranks, weight if n == 1 else 1.0 - (1.0 - w) / n))
+            groups.append((ranks, weight if len(ranks) == 1 else 1.0 - (1.0 - w) / max_delay))
         out.append(groups)
     return out
 

@@ -46,7 +46,7 @@ def _delayed(rank: int, world_size: int, topology: str, max_delay: int, gossip_e
 
 
 @pytest.mark.parametrize("topology,max_delay,gossip_every,wire", [
-    ("ring", 2, 1, None), ("ring", 3, 1, None), ("one-peer-exp", 2, 2, None), ("complete", 2, 1, None),
+    ("ring", 2, 1, None), ("ring", 4, 1, None), ("one-peer-exp", 2, 2, None), ("complete", 2, 1, None),
     ("ring", 1, 3, None), ("ring", 2, 1, torch.bfloat16),
 ])
 def test_rounds_that_span_steps_follow_the_reference(topology: str, max_delay: int, gossip_every: int,
@@ -105,6 +105,33 @@ def test_a_pair_with_several_rounds_in_flight_is_damped_and_converges(max_delay:
         torch.testing.assert_close(torch.tensor(diff), torch.tensor(d), rtol=1e-12, atol=1e-15)
     assert got[0] == [-x for x in got[1]]  # the mean stays 0
     assert abs(d[-1]) < 1e-3 * 2.0
+
+
+def _mode(rank: int, world_size: int, steps: int) -> list[float]:
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    opt = DecentOptimWrapper(torch.optim.SGD([p], lr=0.0), topology="one-peer-exp", max_delay=2, timeout=30)
+    with torch.no_grad():
+        p.fill_([1.0, -1.0, -1.0, 1.0][rank])
+    seen = []
+    for _ in range(steps):
+        opt.step()
+        seen.append(float(p))
+    opt.finish()
+    return seen
+
+
+def test_rounds_of_different_pairs_in_flight_at_once_are_damped_too() -> None:
+    # one-peer-exp on 4 ranks pairs (0,1),(2,3), then (0,2),(1,3): no pair recurs while its round is in flight at
+    # max_delay=2, yet v = (1, -1, -1, 1) is split by both rounds (each moves it by -2c v). By hand, x_0 = a[t] with
+    # a[t] = a[t-1] - 2c a[t-2]: undamped (c = 1/2) a never shrinks (1, 1, 0, -1, -1, 0, 1, ...); with c = 1/4 it
+    # does, every value dyadic
+    steps = 30
+    got = run_ranks(_mode, 4, steps)
+    a = [1.0, 1.0]
+    for t in range(2, steps):
+        a.append(a[t - 1] - 0.5 * a[t - 2])
+    assert got[0] == a and got[3] == a and got[1] == [-x for x in a]
+    assert abs(a[-1]) < 1e-4
 
 
 def test_the_defaults_are_the_order_of_one_round_in_flight() -> None:
