@@ -73,11 +73,13 @@ def test_rounds_that_span_steps_follow_the_reference(topology: str, max_delay: i
     torch.testing.assert_close(total, sum(expected), rtol=0, atol=1e-4 if wire is not None else 0)
 
 
-def _pair_difference(rank: int, world_size: int, max_delay: int, steps: int) -> list[float]:
+def _gossip_alone(rank: int, world_size: int, topology: str, max_delay: int, start: list[float],
+                  steps: int) -> list[float]:
+    """One float64 value per rank, starting at ``start[rank]``, lr 0: its value after each step."""
     p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
-    opt = DecentOptimWrapper(torch.optim.SGD([p], lr=0.0), topology="ring", max_delay=max_delay, timeout=30)
+    opt = DecentOptimWrapper(torch.optim.SGD([p], lr=0.0), topology=topology, max_delay=max_delay, timeout=30)
     with torch.no_grad():
-        p.fill_(1.0 if rank == 0 else -1.0)
+        p.fill_(start[rank])
     seen = []
     for _ in range(steps):
         opt.step()
@@ -93,7 +95,7 @@ def test_a_pair_with_several_rounds_in_flight_is_damped_and_converges(max_delay:
     # c = 1/2 (the pair's weight, undamped) that is z^2 = z - 1 for d = 2 (|z| = 1: D oscillates forever) and
     # z^3 = z^2 - 1 for d = 3 (a root of modulus 1.15: D grows). Damped, c = 1/(2d): |D| shrinks.
     steps = 80
-    got = run_ranks(_pair_difference, 2, max_delay, steps)
+    got = run_ranks(_gossip_alone, 2, "ring", max_delay, [1.0, -1.0], steps)
     c = 0.5 / max_delay
     d = [2.0] * max_delay  # nothing lands before step max_delay
     for t in range(max_delay, steps):
@@ -107,26 +109,13 @@ def test_a_pair_with_several_rounds_in_flight_is_damped_and_converges(max_delay:
     assert abs(d[-1]) < 1e-3 * 2.0
 
 
-def _mode(rank: int, world_size: int, steps: int) -> list[float]:
-    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
-    opt = DecentOptimWrapper(torch.optim.SGD([p], lr=0.0), topology="one-peer-exp", max_delay=2, timeout=30)
-    with torch.no_grad():
-        p.fill_([1.0, -1.0, -1.0, 1.0][rank])
-    seen = []
-    for _ in range(steps):
-        opt.step()
-        seen.append(float(p))
-    opt.finish()
-    return seen
-
-
 def test_rounds_of_different_pairs_in_flight_at_once_are_damped_too() -> None:
     # one-peer-exp on 4 ranks pairs (0,1),(2,3), then (0,2),(1,3): no pair recurs while its round is in flight at
     # max_delay=2, yet v = (1, -1, -1, 1) is split by both rounds (each moves it by -2c v). By hand, x_0 = a[t] with
     # a[t] = a[t-1] - 2c a[t-2]: undamped (c = 1/2) a never shrinks (1, 1, 0, -1, -1, 0, 1, ...); with c = 1/4 it
     # does, every value dyadic
     steps = 30
-    got = run_ranks(_mode, 4, steps)
+    got = run_ranks(_gossip_alone, 4, "one-peer-exp", 2, [1.0, -1.0, -1.0, 1.0], steps)
     a = [1.0, 1.0]
     for t in range(2, steps):
         a.append(a[t - 1] - 0.5 * a[t - 2])
