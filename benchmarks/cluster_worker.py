@@ -37,7 +37,7 @@ import anchors  # noqa: E402  (sibling files, not a package)
 import gossip_methods  # noqa: E402
 import workloads  # noqa: E402
 
-from decent_optim_wrapper import DecentOptimWrapper, transport  # noqa: E402
+from decent_optim_wrapper import DecentOptimWrapper  # noqa: E402
 
 DDP_METHODS = ("ddp", "ddp-bf16")
 
@@ -96,8 +96,6 @@ def main() -> None:
     a = p.parse_args()
 
     _log("started")
-    if "DOW_PIECE" in os.environ:  # a sweep of the piece size (benchmarks/README.md): not a setting of the package
-        transport.PIECE = int(os.environ["DOW_PIECE"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=a.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -21,7 +21,7 @@ def _run(rank: int, world_size: int, topology: str) -> dict[str, list[float]]:
     return trajectories_0_1_1.run(rank, world_size, topology)
 
 
-@pytest.mark.parametrize("topology", ["ring", "complete"])
+@pytest.mark.parametrize("topology", ["ring", pytest.param("complete", marks=pytest.mark.slow)])
 def test_the_defaults_give_0_1_1_s_trajectory_bit_for_bit(topology: str) -> None:
     want = json.loads((DATA / "trajectories_0_1_1.json").read_text())[topology]
     got = run_ranks(_run, len(want), topology)

@@ -46,8 +46,10 @@ def _delayed(rank: int, world_size: int, topology: str, max_delay: int, gossip_e
 
 
 @pytest.mark.parametrize("topology,max_delay,gossip_every,wire", [
-    ("ring", 2, 1, None), ("ring", 4, 1, None), ("one-peer-exp", 2, 2, None), ("complete", 2, 1, None),
-    ("ring", 1, 3, None), ("ring", 2, 1, torch.bfloat16),
+    ("ring", 2, 1, None), pytest.param("ring", 4, 1, None, marks=pytest.mark.slow), ("one-peer-exp", 2, 2, None),
+    pytest.param("complete", 2, 1, None, marks=pytest.mark.slow),
+    pytest.param("ring", 1, 3, None, marks=pytest.mark.slow),
+    ("ring", 2, 1, torch.bfloat16),
 ])
 def test_rounds_that_span_steps_follow_the_reference(topology: str, max_delay: int, gossip_every: int,
                                                      wire: torch.dtype | None) -> None:
@@ -88,7 +90,7 @@ def _gossip_alone(rank: int, world_size: int, topology: str, max_delay: int, sta
     return seen
 
 
-@pytest.mark.parametrize("max_delay", [2, 3])
+@pytest.mark.parametrize("max_delay", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_a_pair_with_several_rounds_in_flight_is_damped_and_converges(max_delay: int) -> None:
     # A ring of two mixes the same pair every round, so max_delay of its rounds are in flight at once. By hand:
     # the difference D after step t is D[t-1] - 2c * D[t-d] (the round sent after step t-d lands at step t). With
@@ -179,7 +181,7 @@ def _resumed(rank: int, world_size: int, path: str, max_delay: int, gossip_every
             [p.detach().clone() for p in model.parameters()]]
 
 
-@pytest.mark.parametrize("max_delay,gossip_every,stop", [(3, 1, 5), (2, 2, 5)])
+@pytest.mark.parametrize("max_delay,gossip_every,stop", [(3, 1, 5), pytest.param(2, 2, 5, marks=pytest.mark.slow)])
 def test_resume_with_several_rounds_in_flight_is_bit_for_bit(tmp_path: Path, max_delay: int, gossip_every: int,
                                                              stop: int) -> None:
     # the uninterrupted run also averages globally and reverts at step 4, with rounds in flight

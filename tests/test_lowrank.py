@@ -193,7 +193,7 @@ def _resume(rank: int, world_size: int, path: str, max_delay: int) -> bool:
     return all(torch.equal(a, b) for a, b in zip(uninterrupted, model.parameters()))
 
 
-@pytest.mark.parametrize("max_delay", [1, 2])
+@pytest.mark.parametrize("max_delay", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_resume_with_low_rank_rounds_in_flight_is_bit_for_bit(tmp_path: Path, max_delay: int) -> None:
     # max_delay=1: one edge has a round in flight, the other's bases come from the checkpoint alone (a resume that
     # dropped them would draw fresh ones and differ from step 6 on); max_delay=2: both edges' rounds are in flight
@@ -217,6 +217,7 @@ def _facade(rank: int, world_size: int) -> float:
     return ddp.consensus_distance() / before
 
 
+@pytest.mark.slow  # the facade's plumbing; the arithmetic is the wrapper's
 def test_decentralized_data_parallel_gossips_low_rank() -> None:
     assert all(ratio < 0.5 for ratio in run_ranks(_facade, 4))
 
@@ -244,6 +245,7 @@ def test_a_topology_with_larger_groups_is_refused_on_every_rank() -> None:
     assert all("needs a topology of pairs" in r and "the group [0, 1, 2] of 3 ranks" in r for r in results), results
 
 
+@pytest.mark.slow  # the same agreement check as every other argument's (tests/test_delay.py)
 def test_ranks_with_different_ranks_of_approximation_are_refused_on_every_rank() -> None:
     results = run_ranks(_refused, 2, "ring", True)
     assert len(set(results)) == 1 and results[0].startswith("Ranks use different options"), results

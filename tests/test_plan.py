@@ -111,8 +111,9 @@ def _engine(rank: int, world_size: int, config: GossipConfig, steps: int) -> dic
 
 
 @pytest.mark.parametrize("config", [
-    GossipConfig(topology="ring"), GossipConfig(topology="ring", wire_dtype=torch.bfloat16),
-    GossipConfig(topology="complete", wire_dtype=torch.bfloat16),
+    GossipConfig(topology="ring"), pytest.param(GossipConfig(topology="ring", wire_dtype=torch.bfloat16),
+                                                 marks=pytest.mark.slow),
+    pytest.param(GossipConfig(topology="complete", wire_dtype=torch.bfloat16), marks=pytest.mark.slow),
     GossipConfig(topology="ring", pair_transport="allreduce"),
 ])
 def test_the_engine_runs_and_counts_what_the_plan_says(config: GossipConfig) -> None:

@@ -271,13 +271,14 @@ def time_lowrank_work(matrices: Sequence[tuple[int, int]], rank: int = 1, repeat
                          "repeats >= 1 and at least one matrix")
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(r, c, generator=gen) for r, c in matrices]
-    bases = [(torch.randn(c, rank, generator=gen), torch.randn(r, rank, generator=gen)) for r, c in matrices]
+    # held transposed, as the transport holds them: Q^T (r x cols) for right rounds, P^T (r x rows) for left ones
+    bases = [(torch.randn(rank, c, generator=gen), torch.randn(rank, r, generator=gen)) for r, c in matrices]
 
     def run() -> None:
         for right in (True, False):
             for x, (q_right, q_left) in zip(xs, bases):
                 q = q_right if right else q_left
-                mine = mixing.lowrank_project(x, q, right, torch.empty(x.shape[0] if right else x.shape[1], rank))
+                mine = mixing.lowrank_project(x, q, right, torch.empty(rank, x.shape[0] if right else x.shape[1]))
                 d = mixing.lowrank_correction_(x, mine, mine * 0.5, q, right, 1e-12)  # alpha 0 may skip the product
                 mixing.orthonormal(d, q_left if right else q_right)
 
