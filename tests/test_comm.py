@@ -257,6 +257,7 @@ def _hung_peer(rank: int, world_size: int) -> str:
     return "stepped"
 
 
+@pytest.mark.slow  # waits out a timeout; the killed-peer test covers the same path in the fast lane
 def test_a_hung_peer_times_out_with_a_clear_error() -> None:
     results = run_ranks(_hung_peer, 2, timeout=60, allow_failure=True, pg_timeout_s=120)
     assert results[1] == "slept"
@@ -279,6 +280,7 @@ def _two_gossip_groups(rank: int, world_size: int, topology: str) -> tuple:
     return opt.rank, opt.world_size, seen, p[0].item()
 
 
+@pytest.mark.slow  # two process groups' worth of construction
 def test_independent_gossip_groups_side_by_side() -> None:
     ring = run_ranks(_two_gossip_groups, 6, "ring")
     # each group of 3 runs the odd ring: local pairs (0,1), then (1,2), then (0,2); values are global ranks

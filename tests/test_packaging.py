@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # a subprocess with its own interpreter
 def test_the_lightning_module_without_lightning_names_the_extra_to_install() -> None:
     # None in sys.modules makes any import of lightning fail as if it were not installed
     script = ("import sys\nsys.modules['lightning'] = None\n"
