@@ -248,10 +248,16 @@ def time_round_work(numel: int, group_size: int, wire_bytes: int = 4, repeats: i
 
     run = {P2PPair: pair, P2PPairCompressed: pair_compressed, AllReduceSum: group,
            AllGatherCompressed: group_compressed}[kind]
+    return _time_on_one_core(run, repeats)
+
+
+def _time_on_one_core(run: Callable[[], None], repeats: int) -> float:
+    """Median seconds of ``run()`` over ``repeats`` calls on one thread, after one call that warms the allocator and
+    the caches."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run()  # warm the allocator and the caches
+        run()
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -282,18 +288,7 @@ def time_lowrank_work(matrices: Sequence[tuple[int, int]], rank: int = 1, repeat
                 d = mixing.lowrank_correction_(x, mine, mine * 0.5, q, right, 1e-12)  # alpha 0 may skip the product
                 mixing.orthonormal(d, q_left if right else q_right)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) / 2)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times)
+    return _time_on_one_core(run, repeats) / 2  # run() is a right and a left round
 
 
 def measure_round_work(numel: int, scale: float = 1.0) -> RoundWork:

@@ -43,11 +43,6 @@ class LowRank:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"Invalid rank={self.rank!r}. Must be an integer >= 1.")
 
-    def factor_numel(self, rows: int, cols: int, right: bool) -> int:
-        """Elements one member sends for a ``rows x cols`` matrix: ``rank`` columns of ``rows`` (``right``: of
-        ``cols``)."""
-        return self.rank * (cols if right else rows)
-
     def saves_bytes(self, rows: int, cols: int) -> bool:
         """Whether a ``rows x cols`` matrix is cheaper as factors, either way round, than as itself."""
         return self.rank * max(rows, cols) < rows * cols

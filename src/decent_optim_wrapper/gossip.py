@@ -148,7 +148,6 @@ class Gossip:
             raise ValueError("internal error: Gossip's plan was made for another configuration")
         self.schedule, self.rank, self.buckets, self.groups, self.config = schedule, rank, buckets, groups, config
         self.wire_dtype, self.timeout, self.check_rounds = config.wire_dtype, config.timeout_delta, config.check_rounds
-        self.pair_transport = config.pair_transport
         self.max_delay, self.gossip_every = config.max_delay, config.gossip_every
         self.instance = 0
         if groups is not None:

@@ -299,72 +299,72 @@ class P2PPairLowRank(Transport):
 
     def __init__(self, group: Group, rank: int, pg: dist.ProcessGroup | None, peer: int | None = None,
                  tag: int = 0, wire_dtype: torch.dtype | None = None, pg_back: dist.ProcessGroup | None = None, *,
-                 rank_r: int = 1, layout: Callable[[int], list[tuple[int, int, int]]] | None = None,
-                 seed: int = 0) -> None:
+                 rank_r: int = 1, layout: Callable[[int], list[tuple[int, int, int]]] | None = None) -> None:
         super().__init__(group, rank, pg, peer, tag, None, pg_back)
         if group.size != 2:
             raise ValueError(f"internal error: low-rank gossip needs a pair, got group {list(group.ranks)}")
-        self.r, self.seed = rank_r, seed
+        self.r = rank_r
         self.layout = layout if layout is not None else (lambda i: [])
         self.low = rank == min(group.ranks)
         self.bases: dict[tuple[int, int], tuple[bool, torch.Tensor]] = {}  # (bucket, matrix) -> (right, basis)
 
-    def _sizes(self, i: int) -> tuple[int, int]:
-        """Room for the projections and for the bases of bucket ``i``: every matrix's widest side, ``r`` columns."""
-        widest = sum(self.r * max(rows, cols) for _, rows, cols in self.layout(i))
-        return widest, widest
+    def _room(self, i: int) -> int:
+        """Room for the projections of bucket ``i``, and as much for the bases: every matrix's widest side, ``r``
+        columns."""
+        return sum(self.r * max(rows, cols) for _, rows, cols in self.layout(i))
+
+    def _numel(self, rows: int, cols: int, right: bool) -> int:
+        """Elements of a projection of a ``rows x cols`` matrix on a basis of its right side (else its left)."""
+        return self.r * (rows if right else cols)
 
     def basis(self, i: int, j: int, rows: int, cols: int, like: torch.Tensor) -> tuple[bool, torch.Tensor]:
         """The edge's current basis of matrix ``j`` of bucket ``i``: ``(right, basis^T)`` (``r x cols`` or
         ``r x rows``, see :mod:`~decent_optim_wrapper.mixing`); drawn at first use."""
         if (i, j) not in self.bases:
-            g = torch.Generator().manual_seed(digest32(self.seed, self.group.ranks, i, j))
+            g = torch.Generator().manual_seed(digest32(0, self.group.ranks, i, j))
             start = torch.randn(cols, self.r, generator=g, dtype=torch.float64)
             q = torch.linalg.qr(start).Q if self.r > 1 else start / torch.linalg.vector_norm(start)
             self.bases[i, j] = (True, q.t().contiguous().to(device=like.device, dtype=like.dtype))
         return self.bases[i, j]
 
     def sent(self, ids: list[int], buffer: BufferFn, flats: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [buffer(i, 1, f.dtype, sum(self._sizes(i)) + len(self.layout(i))) for f, i in zip(flats, ids)]
+        return [buffer(i, 1, f.dtype, 2 * self._room(i) + len(self.layout(i))) for f, i in zip(flats, ids)]
 
     def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0,
                resend: bool = False) -> list[Piece]:
         pairs, parts = [], []
         for flat, i, sent in zip(flats, ids, self.sent(ids, buffer, flats)):
             mats = self.layout(i)
-            room, _ = self._sizes(i)
+            room = self._room(i)
             sides = sent[2 * room:]
+            # Each matrix's side, kept on the host for the exchange's size and the mix; only a round resumed from a
+            # checkpoint reads it back from what it sent (on CUDA, a host synchronisation once per resume).
+            rights: list[bool] = [bool(f) for f in sides.tolist()] if resend else []
             if not resend:
                 p = b = 0
                 for j, (offset, rows, cols) in enumerate(mats):
                     right, basis = self.basis(i, j, rows, cols, flat)
-                    n_proj = self.r * (rows if right else cols)
+                    rights.append(right)
+                    n_proj = self._numel(rows, cols, right)
                     sent[room + b:room + b + basis.numel()].copy_(basis.reshape(-1))
                     sides[j] = 1.0 if right else 0.0
                     x = flat[offset:offset + rows * cols].view(rows, cols)
                     lowrank_project(x, basis, right, out_t=sent[p:p + n_proj].view(self.r, -1))
                     p, b = p + n_proj, b + basis.numel()
-            used = self._projected(mats, sides)
+            used = sum(self._numel(rows, cols, right) for (_, rows, cols), right in zip(mats, rights))
             recv = buffer(i, 0, flat.dtype, room)[:used]
             pairs.append((sent[:used], recv))
-            parts.append((flat, i, mats, sent, recv, room))
+            parts.append((flat, i, mats, rights, sent, recv, room))
         works = self._exchange(pairs, tag)
         return [Piece(w, partial(self._mix, *part)) for part, w in zip(parts, works)]
 
-    def _projected(self, mats: list[tuple[int, int, int]], sides: torch.Tensor) -> int:
-        """Elements of the projections, given each matrix's side (``sides``: 1 right, 0 left)."""
-        flags = sides.tolist()
-        return sum(self.r * (rows if flags[j] else cols) for j, (_, rows, cols) in enumerate(mats))
-
     @torch.no_grad()
-    def _mix(self, flat: torch.Tensor, i: int, mats: list[tuple[int, int, int]], sent: torch.Tensor,
-             recv: torch.Tensor, room: int) -> None:
-        flags = sent[2 * room:].tolist()
+    def _mix(self, flat: torch.Tensor, i: int, mats: list[tuple[int, int, int]], rights: list[bool],
+             sent: torch.Tensor, recv: torch.Tensor, room: int) -> None:
         scale = -self.group.peer_weight if self.low else self.group.peer_weight
         p = b = 0
-        for j, (offset, rows, cols) in enumerate(mats):
-            right = bool(flags[j])
-            n_proj, n_basis = self.r * (rows if right else cols), self.r * (cols if right else rows)
+        for j, ((offset, rows, cols), right) in enumerate(zip(mats, rights)):
+            n_proj, n_basis = self._numel(rows, cols, right), self._numel(rows, cols, not right)
             mine, theirs = sent[p:p + n_proj].view(self.r, -1), recv[p:p + n_proj].view(self.r, -1)
             basis = sent[room + b:room + b + n_basis].view(self.r, -1)
             low, high = (mine, theirs) if self.low else (theirs, mine)
@@ -385,7 +385,7 @@ class P2PPairLowRank(Transport):
         for f, i in zip(flats, ids):
             for j, (_, rows, cols) in enumerate(self.layout(i)):
                 right = self.bases.get((i, j), (True, None))[0]
-                total += self.r * (rows if right else cols) * f.element_size()
+                total += self._numel(rows, cols, right) * f.element_size()
         return total
 
     def state(self) -> dict[str, Any]:
