@@ -86,7 +86,18 @@ class DecentOptimWrapper(Optimizer, Joinable):
         config: all of the gossip arguments above (and ``topology``, ``local_world_size``,
             ``bucket_cap_mb``) as one :class:`~decent_optim_wrapper.config.GossipConfig`, instead of giving them
             one by one (the facades share it).
+        manager: a ``torchft.Manager``: gossip over its live membership, so that training goes on when a replica
+            dies (see :mod:`decent_optim_wrapper.ft`; ``pip install decent-optim-wrapper[ft]``). The object built
+            is then a :class:`~decent_optim_wrapper.ft.ManagedDecentOptimWrapper`. Default ``None``: torchft is not
+            imported.
     """
+
+    def __new__(cls, *args: Any, manager: Any = None, **kwargs: Any) -> DecentOptimWrapper:
+        if manager is not None and cls is DecentOptimWrapper:
+            from .ft import ManagedDecentOptimWrapper  # only with a manager: torchft users only
+
+            return super().__new__(ManagedDecentOptimWrapper)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -107,7 +118,10 @@ class DecentOptimWrapper(Optimizer, Joinable):
         max_delay: int = 1,
         gossip_every: int = 1,
         config: GossipConfig | None = None,
+        manager: Any = None,
     ) -> None:
+        if manager is not None:  # only a subclass that takes it gets here with one (see __new__)
+            raise ValueError(f"Invalid manager={manager!r} for {type(self).__name__}: give it to DecentOptimWrapper.")
         self._init_optimizer_hooks()
         Joinable.__init__(self)  # the Join configuration: off outside a Join
         self._join_work: dist.Work | None = None
