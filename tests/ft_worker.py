@@ -39,6 +39,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--joiner", action="store_true", help="a restarted replica: do not wait for the first quorum")
     p.add_argument("--timeout", type=float, default=20.0)
     p.add_argument("--quorum-retries", type=int, default=0)
+    p.add_argument("--wire-dtype", default="", help="e.g. bfloat16")
     p.add_argument("--step-time", type=float, default=0.0, help="seconds of 'compute' per step (a sleep)")
     return p.parse_args(argv)
 
@@ -76,7 +77,9 @@ def main(args: argparse.Namespace) -> None:
                       quorum_timeout=timeout, checkpoint_transport=PGTransport(pg, timeout, torch.device("cpu")),
                       init_sync=False, quorum_retries=args.quorum_retries)
     model = model_for(args.replica, args.lr)
-    opt = DecentOptimWrapper(torch.optim.SGD(model.parameters(), lr=args.lr), topology=args.topology, manager=manager)
+    wire = getattr(torch, args.wire_dtype) if args.wire_dtype else None
+    opt = DecentOptimWrapper(torch.optim.SGD(model.parameters(), lr=args.lr), topology=args.topology, manager=manager,
+                             wire_dtype=wire)
     assert isinstance(opt, ManagedDecentOptimWrapper)
 
     def die() -> None:

@@ -154,26 +154,28 @@ def test_a_killed_replica_leaves_the_survivors_mean_exact(tmp_path: Path, replic
 
 
 @drill
-def test_without_failures_it_is_the_plain_wrapper_bit_for_bit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wire", ["", "bfloat16"])
+def test_without_failures_it_is_the_plain_wrapper_bit_for_bit(tmp_path: Path, wire: str) -> None:
     steps, replicas = 12, 4
-    with Cluster(tmp_path, replicas, steps=steps, lr=0.05, topology="one-peer-exp") as cluster:
+    extra = {"wire_dtype": wire} if wire else {}
+    with Cluster(tmp_path, replicas, steps=steps, lr=0.05, topology="one-peer-exp", **extra) as cluster:
         for r in range(replicas):
             cluster.start(r)
         assert cluster.wait() == [0] * replicas, cluster.logs()
         results = cluster.results()
-    expected = run_ranks(_plain_run, replicas, steps)
+    expected = run_ranks(_plain_run, replicas, steps, getattr(torch, wire) if wire else None)
     for r in range(replicas):
         torch.testing.assert_close(results[r]["final"], expected[r], rtol=0, atol=0)
         assert results[r]["stats"].applied == steps and results[r]["stats"].dropped == 0
 
 
-def _plain_run(rank: int, world_size: int, steps: int) -> torch.Tensor:
+def _plain_run(rank: int, world_size: int, steps: int, wire: torch.dtype | None) -> torch.Tensor:
     """The oracle: the same replicas as ranks of one gloo world, with the plain wrapper."""
     sys.path.insert(0, str(WORKER.parent))
     import ft_worker
 
     model = ft_worker.model_for(rank, 0.05)
-    opt = DecentOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.05), topology="one-peer-exp")
+    opt = DecentOptimWrapper(torch.optim.SGD(model.parameters(), lr=0.05), topology="one-peer-exp", wire_dtype=wire)
     for step in range(steps):
         opt.zero_grad()
         x, y = ft_worker.batch(rank, step)
@@ -307,7 +309,8 @@ def _manager(lighthouse: str, **kw: Any) -> Any:
 
 @pytest.mark.parametrize(("manager_kw", "wrapper_kw", "message"), [
     ({"use_async_quorum": True}, {}, "made with use_async_quorum=True"),
-    ({}, {"topology": "complete"}, "Invalid topology='complete' with a manager: with 3 members it averages groups of 3"),
+    ({}, {"topology": "complete"},
+     "Invalid topology='complete' with a manager: with 3 members it averages groups of 3"),
     ({}, {"compression": "lowrank"}, "Invalid compression=LowRank(rank=1) with a manager"),
     ({}, {"max_delay": 2}, "Invalid max_delay=2 with a manager"),
     ({}, {"gossip_every": 4}, "Invalid gossip_every=4 with a manager"),
@@ -345,6 +348,14 @@ def test_a_manager_that_is_not_one_and_the_operations_it_does_not_offer(lighthou
             opt.reduce_metrics({"loss": 1.0})
         with pytest.raises(RuntimeError, match=re.escape("revert_global_avg() without a global_avg")):
             opt.revert_global_avg()
+        # a checkpoint keeps the inner optimizer's state and the round counter; a bad one names the field
+        sd = opt.state_dict()
+        sd["decent_optim_wrapper"]["round"] = 7
+        opt.load_state_dict(sd)
+        assert opt.round == 7 and opt.state_dict()["decent_optim_wrapper"] == {"round": 7, "managed": True}
+        sd["decent_optim_wrapper"]["round"] = -1
+        with pytest.raises(ValueError, match=re.escape("Invalid state_dict['decent_optim_wrapper']")):
+            opt.load_state_dict(sd)
     finally:
         manager.shutdown(wait=False)
 

@@ -205,25 +205,29 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
                 f"topology={self.topology.name!r}, optimizer={self._optimizer!r})")
 
     # ------------------------------------------------------------------ training
-    _step_supports_amp_scaling = False
-
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         """End the round in flight, join the quorum (healing if behind), take the local step if the manager
-        commits, launch the next round."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        commits, launch the next round. With ``GradScaler``, gradients with inf/NaN skip only the local update:
+        the replica still ends and launches its rounds, as every member must."""
         self._check_views()
         drop = self._dropping or self._held  # after global_avg() with no revert: see global_avg
         self._held, self._held_extras, self._dropping = False, [], False
         self._end_round(apply=not drop)
         self._join_quorum()
         commit = bool(self._manager.should_commit())
+        loss = None
         if commit and not self._healed:
-            self._optimizer.step()
-        elif not commit:
-            logger.debug("replica {}: the manager did not commit step; local update skipped", self._rank)
+            found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step(wrapper)
+            if found_inf is not None:
+                self._amp_inner_step(getattr(self, "grad_scale", None), found_inf)
+            else:
+                loss = self._optimizer.step() if closure is None else self._optimizer.step(closure)
+        else:
+            logger.debug("replica {}: local update skipped ({})", self._rank,
+                         "healed in this step" if commit else "the manager did not commit")
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
         self._healed = False
         self._launch(sound=commit)
         return loss
