@@ -110,8 +110,11 @@ def main(args: argparse.Namespace) -> None:
         barrier.add("ready", 1)
         while int(barrier.add("ready", 0)) < args.replicas:
             time.sleep(0.05)
+    (args.out / f"ready-{args.replica}").touch()  # built: about to ask for its first quorum
     records, evals = [], []
     while manager.current_step() < args.steps:
+        while (args.out / "hold").exists():  # the test holds the others until a restarted replica is up
+            time.sleep(0.05)
         step = manager.current_step()
         opt.zero_grad()
         if args.lr > 0:

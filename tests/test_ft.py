@@ -31,7 +31,7 @@ from decent_optim_wrapper import DecentOptimWrapper  # noqa: E402
 
 WORKER = Path(__file__).with_name("ft_worker.py")
 HEARTBEAT_MS = 1000
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(300)
 # The drills start a lighthouse and 3-5 processes that import torch (10-40 s each): not in the fast lane.
 drill = pytest.mark.slow
 
@@ -186,17 +186,27 @@ def _plain_run(rank: int, world_size: int, steps: int, wire: torch.dtype | None)
 
 
 @drill
-def test_a_killed_replica_rejoins_heals_from_a_peer_and_the_mean_is_what_it_brought(tmp_path: Path) -> None:
-    replicas, steps = 4, 40
+@pytest.mark.parametrize("replicas", [3, 4])
+def test_a_killed_replica_rejoins_heals_from_a_peer_and_the_mean_is_what_it_brought(tmp_path: Path,
+                                                                                     replicas: int) -> None:
+    steps = 40
+    survivors = [r for r in range(replicas) if r != 1]
     # 0.3 s a step: the restarted replica takes a few seconds to import torch and build its model
     with Cluster(tmp_path, replicas, steps=steps, topology="ring", step_time=0.3) as cluster:
         for r in range(replicas):
             cluster.start(r, *(["--die", "5:round"] if r == 1 else []))
-        cluster.procs[1].wait(60)
+        cluster.procs[1].wait(150)
         assert cluster.procs[1].returncode == -signal.SIGKILL, cluster.logs()
+        # The others wait between two steps until the restarted replica is built (starting torch takes seconds,
+        # more on a loaded machine), so that it joins while they still train, whatever the machine's speed.
+        (tmp_path / "hold").touch()
+        (tmp_path / "ready-1").unlink()  # its first life's
         cluster.start(1, joiner=True)  # as its own `torchrun --max-restarts` would
+        while not (tmp_path / "ready-1").exists() and cluster.procs[-1].poll() is None:
+            time.sleep(0.05)
+        (tmp_path / "hold").unlink()
         codes = cluster.wait()
-        assert codes[1] == -signal.SIGKILL and [codes[i] for i in (0, 2, 3, 4)] == [0] * 4, cluster.logs()
+        assert codes[1] == -signal.SIGKILL and codes[:1] + codes[2:] == [0] * replicas, cluster.logs()
         results = cluster.results()
     joiner = results[1]
     assert joiner["stats"].heals == 1 and joiner["records"][-1]["step"] == steps
@@ -204,15 +214,15 @@ def test_a_killed_replica_rejoins_heals_from_a_peer_and_the_mean_is_what_it_brou
     at = first["step"]
     # It entered with a copy of a live replica's parameters at that step (its source's), and took no step of
     # its own: with lr = 0 its record after the step it healed in is exactly one survivor's record.
-    sources = [r for r in (0, 2, 3) if torch.equal(_params_at(results[r], at), first["params"])]
+    sources = [r for r in survivors if torch.equal(_params_at(results[r], at), first["params"])]
     assert len(sources) >= 1, "the joiner's parameters are nobody's"
-    # From then on four replicas average again: their sum is the survivors' sum at that step plus what the
+    # From then on all replicas average again: their sum is the survivors' sum at that step plus what the
     # joiner brought (pair averages keep every pair's sum).
-    before = torch.stack([_params_at(results[r], at) for r in (0, 2, 3)] + [first["params"]]).sum(0)
+    before = torch.stack([_params_at(results[r], at) for r in survivors] + [first["params"]]).sum(0)
     after = torch.stack([results[r]["final"] for r in range(replicas)]).sum(0)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert all(results[r]["records"][-1]["n"] == replicas for r in range(replicas))
-    assert all(results[r]["stats"].quorums == 3 for r in (0, 2, 3))  # 4, then 3, then 4 members
+    assert all(results[r]["stats"].quorums == 3 for r in survivors)  # n, then n - 1, then n members
 
 
 @drill
@@ -234,15 +244,15 @@ def test_two_kills_in_a_row(tmp_path: Path) -> None:
 
 
 @drill
-def test_a_kill_during_global_avg(tmp_path: Path) -> None:
-    replicas = 4
+@pytest.mark.parametrize("replicas", [3, 4])
+def test_a_kill_during_global_avg(tmp_path: Path, replicas: int) -> None:
     with Cluster(tmp_path, replicas, steps=12, topology="ring", eval_every=3, timeout=8) as cluster:
         for r in range(replicas):
             cluster.start(r, *(["--die", "6:global_avg"] if r == 1 else []))
         codes = cluster.wait()
-        assert codes == [0, -signal.SIGKILL, 0, 0], cluster.logs()
+        assert codes == [0, -signal.SIGKILL] + [0] * (replicas - 2), cluster.logs()
         results = cluster.results()
-    survivors = [0, 2, 3]
+    survivors = [r for r in range(replicas) if r != 1]
     for r in survivors:
         evals = results[r]["evals"]
         assert [(e[0], e[1]) for e in evals] == [("ok", 3), ("failed", 6), ("ok", 9), ("ok", 12)], evals
@@ -275,8 +285,8 @@ def test_a_lighthouse_restart_pauses_training_and_it_goes_on(tmp_path: Path) -> 
         assert records[-1]["step"] == steps and records[-1]["n"] == replicas
         gaps = [b["time"] - a["time"] for a, b in zip(records, records[1:])]
         pause = max(gaps)
-        assert 2 < pause < 5 + 2 + 5, gaps  # down 2 s, a quorum timeout (5 s), then at once
-        assert all(g < 1.5 for g in gaps[gaps.index(pause) + 1:])  # steady again
+        assert 2 < pause < 2 + 5 + 10, gaps  # down 2 s, a quorum timeout (5 s), then at once (slack: a busy CPU)
+        assert sorted(gaps)[len(gaps) // 2] < 1.5  # otherwise steady: 0.2 s a step
         assert records[0]["time"] < down < records[-1]["time"]
         assert results[r]["stats"].quorums >= 2  # the new lighthouse numbers quorums anew (one or two forms)
     finals = torch.stack([results[r]["final"] for r in range(replicas)])
