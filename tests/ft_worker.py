@@ -6,12 +6,16 @@ them to ``--out/<replica>-<pid>.pt``. ``--die STEP:WHERE`` kills it at step STEP
 
 - ``between``: right after the round in flight has ended (applied on both sides), before the quorum;
 - ``round``: with the round in flight transferred both ways, before the verdicts are swapped;
-- ``global_avg``: inside ``global_avg()``, before the all-reduce.
+- ``global_avg``: inside ``global_avg()``, before the all-reduce;
+- ``silent``: like ``round``, but a child process forked just before keeps the replica's connections open, so
+  that no close reaches its peers (as when a FIN is lost on a congested link); only its liveness port closes.
+  The child writes its pid to ``--out/holder-<replica>`` and sleeps; the test kills it.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import time
@@ -67,6 +71,7 @@ def main(args: argparse.Namespace) -> None:
     from torchft.checkpointing.pg_transport import PGTransport
 
     torch.set_num_threads(1)
+    faulthandler.dump_traceback_later(args.timeout * 4, exit=True)  # a hang shows where, in the test's log
     die_step, die_where = (int(args.die.split(":")[0]), args.die.split(":")[1]) if args.die else (-1, "")
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     timeout = timedelta(seconds=args.timeout)
@@ -89,9 +94,14 @@ def main(args: argparse.Namespace) -> None:
 
     def end_round_then_maybe_die(apply: bool = True) -> None:
         now = manager.current_step()
-        if now == die_step and die_where == "round" and opt._inflight is not None:
+        if now == die_step and die_where in ("round", "silent") and opt._inflight is not None:
             for w in opt._inflight.works:  # both transfers are complete; the verdict never goes out
                 w.wait(timeout)
+            if die_where == "silent" and os.fork() == 0:  # the child holds every connection but the liveness port
+                opt._liveness._sock.close()
+                (args.out / f"holder-{args.replica}").write_text(str(os.getpid()))
+                time.sleep(120)
+                os._exit(0)
             die()
         end_round(apply)
         if now == die_step and die_where == "between":

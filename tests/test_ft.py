@@ -154,6 +154,33 @@ def test_a_killed_replica_leaves_the_survivors_mean_exact(tmp_path: Path, replic
 
 
 @drill
+def test_a_death_whose_close_never_arrives_is_seen_by_the_liveness_probe(tmp_path: Path) -> None:
+    """The dead replica's connections stay open (a child holds them: as when its FIN is lost on a congested link),
+    so gloo never tells its peer; the peer's wait asks the dead replica's liveness port, is refused, and drops the
+    round at once. Without the probe it would wait out its timeout (20 s), miss the next quorum and heal from a
+    survivor, losing its own state (the mean check and heals == 0 would fail)."""
+    replicas, die_at = 4, 5
+    holder = tmp_path / "holder-1"
+    try:
+        with Cluster(tmp_path, replicas, steps=14, topology="ring") as cluster:
+            for r in range(replicas):
+                cluster.start(r, *(["--die", f"{die_at}:silent"] if r == 1 else []))
+            codes = cluster.wait()
+            assert codes == [0, -signal.SIGKILL, 0, 0], cluster.logs()
+            results = cluster.results()
+    finally:
+        if holder.exists():
+            os.kill(int(holder.read_text()), signal.SIGKILL)
+    assert holder.exists()  # the connections were held open
+    _check_survivors_mean(results, [0, 2, 3], die_at)
+    for r in (0, 2, 3):
+        assert results[r]["stats"].heals == 0 and results[r]["stats"].quorums == 2
+        times = [x["time"] for x in results[r]["records"]]
+        assert max(b - a for a, b in zip(times, times[1:])) < HEARTBEAT_MS / 1000 + 3  # not the 20 s timeout
+    assert results[0]["stats"].dropped == 1  # ring pairs replica 1 with replica 0 in round 4 (of 4)
+
+
+@drill
 @pytest.mark.parametrize("wire", ["", "bfloat16"])
 def test_without_failures_it_is_the_plain_wrapper_bit_for_bit(tmp_path: Path, wire: str) -> None:
     steps, replicas = 12, 4

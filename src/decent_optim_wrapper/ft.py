@@ -18,14 +18,24 @@ membership. Every ``step()``:
 4. **Launches the next round** (non-blocking) over the manager's process group: the pair swaps snapshots of
    its buckets point to point.
 
-**Failures.** A replica killed mid-training (SIGKILL, a host lost) leaves its peer's round failing at once (the
-connection closes) or at ``timeout``; the survivor drops the round: its parameters stay as they were, so the
-mean over the survivors is not moved by the dead replica. The next quorum forms without it once the lighthouse
-misses its heartbeats (``--heartbeat_timeout_ms``, 5 s by default), and the schedule is rebuilt for the
-survivors. A round's verdicts are swapped only after both transfers completed, so a survivor never applies a
-round its peer did not receive in full. Precisely, with ``lr = 0``: the mean of the survivors' parameters after
-training equals their mean right after the last round the dead replica took part in (pair averaging keeps every
-pair's sum; a round the dead replica did not confirm is applied by nobody).
+**Failures.** A replica killed mid-training (SIGKILL, a host lost) leaves its peer's round failing: at once when
+the connection's close reaches the peer, else when the peer's liveness probe is refused (below), else at
+``timeout``; the survivor drops the round: its parameters stay as they were, so the mean over the survivors is
+not moved by the dead replica. The next quorum forms without it once the lighthouse misses its heartbeats
+(``--heartbeat_timeout_ms``, 5 s by default), and the schedule is rebuilt for the survivors. A round's verdicts
+are swapped only after both transfers completed, so a survivor never applies a round its peer did not receive in
+full. Precisely, with ``lr = 0``: the mean of the survivors' parameters after training equals their mean right
+after the last round the dead replica took part in (pair averaging keeps every pair's sum; a round the dead
+replica did not confirm is applied by nobody).
+
+**Liveness.** TCP tells a receiver that its peer died only if the close (FIN/RST) arrives; on a congested link it
+can be dropped, and a receiver with nothing to send then waits for data that never comes (seen on the emulated
+cluster: a survivor waited out its 30 s timeout, missed the next quorum and had to heal, losing its own state).
+So each replica listens on a small TCP port of its own (a thread accepts and closes), the members swap these
+addresses at every membership change, and a wait for a round that lasts more than 0.2 s connects to the peer's
+port every 0.2 s: a refused connection means the peer's process is gone and the round is dropped at once. An
+unanswered one (a host that lost power) means nothing, and the wait goes on until ``timeout``. A live peer, even
+a stopped or slow one, always accepts, so the probe never drops a round that a live peer may apply.
 
 **Membership changes** reset nothing but the schedule: the round counter goes on (agreed at every change), no
 round is in flight at a quorum (each is ended before), and there is no compression state to warm-start (low-rank
@@ -43,14 +53,18 @@ torchft is imported by nothing else in the package: without a manager, nothing h
 from __future__ import annotations
 
 import math
+import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 from loguru import logger
+from torch.distributed.distributed_c10d import AllgatherOptions, AllreduceOptions
 from torch.optim import Optimizer
 
 from .buckets import build_buckets, check_params
@@ -70,6 +84,9 @@ _TAG_BASE = 1 << 28
 _TAG_ROUNDS = 1 << 12
 _TAG_STRIDE = 1 << 12  # messages per round: one per bucket, then the verdict
 _MANAGER_KEY = "decent_optim_wrapper"
+# How long a wait for a round goes before it asks whether the peer still lives, and how often after that.
+_PROBE_AFTER_S = 0.2
+_HOST_BYTES = 64  # a member's address as it travels in the membership exchange (IPv6 fits)
 
 
 @dataclass(frozen=True)
@@ -177,6 +194,8 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
         self._stats = CommStats()
         self._ft_stats = FTStats()
         self._buffers: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+        self._liveness = _Liveness(_advertised_host(manager))
+        self._addresses: list[tuple[str, int]] = []  # each member's liveness address, by quorum rank
         manager.register_state_dict_fn(_MANAGER_KEY, self._load_healed, self._heal_state)
         logger.debug("managed gossip: topology {}, {} bucket(s)", cfg.topology, len(self._buckets))
 
@@ -308,19 +327,21 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
         pg = self._manager._pg
         timeout = self._timeout
         ok = pending.sound and apply and len(pending.sent) == len(pending.ids)
+        deadline = time.monotonic() + timeout.total_seconds()
+        gone = False
         try:
-            for w in pending.works:
-                w.wait(timeout)
+            self._wait(pending.works, pending.peer, deadline)
         except RuntimeError as exc:
             logger.debug("replica {}: round {} with replica {} failed: {}", self._rank, pending.index, pending.peer,
                          exc)
-            ok = False
+            ok, gone = False, isinstance(exc, _PeerGone)
         verdict, theirs = torch.tensor([int(ok)], dtype=torch.uint8), torch.zeros(1, dtype=torch.uint8)
         tag = _TAG_BASE + (pending.index % _TAG_ROUNDS) * _TAG_STRIDE + _TAG_STRIDE - 1
         try:
+            if gone:  # nobody to hear the verdict from
+                raise _PeerGone(f"replica {pending.peer} is gone")
             works = [pg.recv([theirs], pending.peer, tag), pg.send([verdict], pending.peer, tag)]
-            for w in works:
-                w.wait(timeout)
+            self._wait(works, pending.peer, max(deadline, time.monotonic() + _PROBE_AFTER_S))
         except RuntimeError as exc:
             logger.debug("replica {}: no verdict from replica {} for round {}: {}", self._rank, pending.peer,
                          pending.index, exc)
@@ -339,6 +360,35 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
                          pending.index, pending.peer, ok, int(theirs.item()))
             self._ft_stats = replace(self._ft_stats, dropped=self._ft_stats.dropped + 1)
 
+    def _wait(self, works: list[Any], peer: int, deadline: float) -> None:
+        """Wait for ``works`` until ``deadline`` (``time.monotonic()``); ``RuntimeError`` if one failed, the time
+        is up, or ``peer``'s process is gone (its liveness port refuses: see the module docstring).
+
+        The works are waited for on a thread of their own while this one probes the peer: gloo's point-to-point
+        works cannot be polled (``is_completed()`` is not reliable for them) nor waited for in slices (a timed-out
+        wait closes the connection). A wait left behind ends when gloo gives up on the dead peer, or when the next
+        quorum reconfigures the process group.
+        """
+        done, failed = threading.Event(), []
+
+        def wait_all() -> None:
+            try:
+                for w in works:
+                    w.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+            except BaseException as exc:  # noqa: BLE001  (handed to the waiting thread)
+                failed.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=wait_all, name="decent-optim-wrapper-round", daemon=True).start()
+        while not done.wait(_PROBE_AFTER_S):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not complete within {self._timeout.total_seconds():g} s")
+            if peer < len(self._addresses) and _Liveness.gone(*self._addresses[peer]):
+                raise _PeerGone(f"replica {peer}'s process is gone (its liveness port refused)")
+        if failed:
+            raise RuntimeError(str(failed[0])) from failed[0]
+
     # ------------------------------------------------------------------ membership
     def _join_quorum(self) -> None:
         """Join this step's quorum; on a membership change rebuild the schedule and agree on the round counter.
@@ -355,8 +405,8 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
                 if quorum_id == self._quorum_id or rank is None:
                     return
                 n = manager.num_participants()
-                self._round = self._max_over_members(self._round)
-            except Exception as exc:  # noqa: BLE001  (torchft's RPCs raise TimeoutError, RuntimeError, ...)
+                self._round, self._addresses = self._exchange_membership(n)
+            except (RuntimeError, TimeoutError, OSError) as exc:  # what torchft's RPCs and collectives raise
                 now = time.monotonic()
                 deadline = deadline if deadline is not None else now + self._timeout.total_seconds()
                 if now > deadline:
@@ -373,12 +423,21 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
             logger.debug("replica {}/{}: quorum {}, round {}", rank, n, quorum_id, self._round)
             return
 
-    def _max_over_members(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64)
-        opts = dist.AllreduceOptions()
-        opts.reduceOp = dist.ReduceOp.MAX
-        self._manager._pg.allreduce([t], opts).wait(self._timeout)
-        return int(t.item())
+    def _exchange_membership(self, n: int) -> tuple[int, list[tuple[str, int]]]:
+        """Every member's round counter and liveness address; the round all go on from is the largest."""
+        mine = torch.zeros(8 + 2 + _HOST_BYTES, dtype=torch.uint8)
+        mine[:8] = torch.tensor([self._round], dtype=torch.int64).view(torch.uint8)
+        host, port = self._liveness.address
+        mine[8:10] = torch.tensor([port], dtype=torch.int16).view(torch.uint8) if port < 2**15 else \
+            torch.tensor([port - 2**16], dtype=torch.int16).view(torch.uint8)
+        raw = host.encode()[:_HOST_BYTES]
+        mine[10:10 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        out = [torch.empty_like(mine) for _ in range(n)]
+        self._manager._pg.allgather([out], [mine], AllgatherOptions()).wait(self._timeout)
+        rounds = [int(t[:8].view(torch.int64).item()) for t in out]
+        addresses = [(bytes(t[10:].tolist()).rstrip(b"\0").decode(), int(t[8:10].view(torch.int16).item()) % 2**16)
+                     for t in out]
+        return max(rounds), addresses
 
     def _heal_state(self) -> dict[str, Any]:
         """What a joining replica receives: called by the manager inside the source's quorum, when nothing is in
@@ -400,7 +459,7 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
     # ------------------------------------------------------------------ global averaging
     def _allreduce_mean(self, tensors: list[torch.Tensor], what: str) -> None:
         pg, n = self._manager._pg, self._world_size
-        opts = dist.AllreduceOptions()
+        opts = AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.SUM
         try:
             for t in tensors:
@@ -480,6 +539,45 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
             raise ValueError(f"Invalid state_dict[{_STATE_KEY!r}]: must hold the round counter state_dict() wrote.")
         self._optimizer.load_state_dict(state_dict)
         self._round, self._inflight = r, None
+
+
+class _PeerGone(RuntimeError):
+    """The peer's process is gone: its liveness port refused a connection."""
+
+
+class _Liveness:
+    """A TCP port that says "this process lives": a daemon thread accepts connections and closes them."""
+
+    def __init__(self, host: str) -> None:
+        self._sock = socket.create_server(("", 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.address = (host, self._sock.getsockname()[1])
+        threading.Thread(target=self._serve, name="decent-optim-wrapper-liveness", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            conn.close()
+
+    @staticmethod
+    def gone(host: str, port: int) -> bool:
+        """True only if the peer's host answered that nothing listens there any more (connection refused)."""
+        try:
+            with socket.create_connection((host, port), timeout=_PROBE_AFTER_S):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except OSError:  # no answer (a lost host, a full link): unknown, so not gone
+            return False
+
+
+def _advertised_host(manager: Any) -> str:
+    """The address the other replicas reach this one at: the one its manager server advertises."""
+    server = getattr(manager, "_manager", None)
+    host = urlparse(server.address()).hostname if server is not None else None
+    return host or socket.gethostname()
 
 
 def _check_manager(manager: Any) -> None:
