@@ -39,6 +39,10 @@ def init_distributed(backend: str | None = None, timeout: float | None = None) -
     This initialises the default process group on a namespace of that store per restart attempt
     (``TORCHELASTIC_RESTART_COUNT``). Outside torchrun it is a plain ``init_process_group(backend)`` from the
     ``env://`` variables.
+
+    One node only: across several, only the failed node's agent counts a restart, so the nodes' workers would wait
+    in different namespaces; run such jobs with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` and a plain
+    ``init_process_group`` instead (found by ``benchmarks/ft_drill.py``).
     """
     import torch.distributed as dist
 
