@@ -397,6 +397,29 @@ def test_a_manager_that_is_not_one_and_the_operations_it_does_not_offer(lighthou
         manager.shutdown(wait=False)
 
 
+def test_no_module_but_ft_imports_torchft_or_ft_at_import_time() -> None:
+    """Importing the package never imports torchft: no module imports it, or ``.ft``, at module level (``wrapper``
+    imports ``.ft`` inside ``DecentOptimWrapper.__new__``, only when a manager is given). The subprocess test
+    below checks the same end to end (slow: it starts a Python with torch)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "src" / "decent_optim_wrapper"
+    for path in sorted(package.glob("*.py")):
+        if path.name == "ft.py":
+            continue
+        for node in ast.parse(path.read_text()).body:  # module level only
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):  # `from .ft import X` and `from . import ft` alike
+                base = "." * node.level + (node.module or "")
+                names = [base] + [base + ("." if node.module else "") + a.name for a in node.names]
+            else:
+                continue
+            assert not [n for n in names if n.split(".")[0] == "torchft" or n in (".ft", "decent_optim_wrapper.ft")], \
+                f"{path.name} imports {names} at import time"
+
+
+@pytest.mark.slow
 def test_without_a_manager_torchft_is_not_imported() -> None:
     code = ("import sys, torch; from decent_optim_wrapper import DecentOptimWrapper; "
             "DecentOptimWrapper(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)); "
