@@ -308,7 +308,7 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
             try:
                 works.append(pg.recv([into], peer, tag + j))
                 works.append(pg.send([out], peer, tag + j))
-            except RuntimeError as exc:  # the process group is already broken: the round is dropped at its end
+            except (RuntimeError, AssertionError) as exc:  # the group is broken: the round is dropped at its end
                 logger.debug("replica {}: round {} could not start with replica {}: {}", self._rank, index, peer, exc)
                 sound = False
                 break
@@ -342,7 +342,7 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
                 raise _PeerGone(f"replica {pending.peer} is gone")
             works = [pg.recv([theirs], pending.peer, tag), pg.send([verdict], pending.peer, tag)]
             self._wait(works, pending.peer, max(deadline, time.monotonic() + _PROBE_AFTER_S))
-        except RuntimeError as exc:
+        except (RuntimeError, AssertionError) as exc:
             logger.debug("replica {}: no verdict from replica {} for round {}: {}", self._rank, pending.peer,
                          pending.index, exc)
             theirs.zero_()
@@ -393,20 +393,25 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
     def _join_quorum(self) -> None:
         """Join this step's quorum; on a membership change rebuild the schedule and agree on the round counter.
 
-        A quorum that fails (the lighthouse restarted, a member died while the round counter was agreed) is asked
-        for again until ``timeout`` has passed since the first failure; then :class:`GossipError`.
+        A quorum that fails (the lighthouse restarted; a member died while the process group was reconfigured, while
+        a joiner healed, or while the round counter was agreed) is asked for again until ``timeout`` has passed since
+        the first failure; then :class:`GossipError`.
         """
         manager = self._manager
         deadline: float | None = None
         while True:
             try:
                 manager.start_quorum()
+                error = manager.errored()  # torchft keeps going when reconfiguring or healing failed; we may not
+                if error is not None:
+                    raise RuntimeError(f"the quorum failed: {error}")
                 quorum_id, rank = manager._quorum_id, manager.participating_rank()
                 if quorum_id == self._quorum_id or rank is None:
                     return
                 n = manager.num_participants()
                 self._round, self._addresses = self._exchange_membership(n)
-            except (RuntimeError, TimeoutError, OSError) as exc:  # what torchft's RPCs and collectives raise
+            # What torchft's RPCs and collectives raise; AssertionError: its process group after a failed reconfigure
+            except (RuntimeError, TimeoutError, OSError, AssertionError) as exc:
                 now = time.monotonic()
                 deadline = deadline if deadline is not None else now + self._timeout.total_seconds()
                 if now > deadline:
