@@ -44,6 +44,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=20.0)
     p.add_argument("--quorum-retries", type=int, default=0)
     p.add_argument("--wire-dtype", default="", help="e.g. bfloat16")
+    p.add_argument("--consensus", action="store_true", help="consensus_distance() after finish(), into the result")
     p.add_argument("--step-time", type=float, default=0.0, help="seconds of 'compute' per step (a sleep)")
     return p.parse_args(argv)
 
@@ -147,9 +148,10 @@ def main(args: argparse.Namespace) -> None:
             after = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
             assert torch.equal(after, flat), "global_avg + revert (or a failed global_avg) changed the parameters"
     opt.finish()
+    consensus = opt.consensus_distance() if args.consensus else None
     final = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
     torch.save({"replica": args.replica, "records": records, "evals": evals, "final": final,
-                "stats": opt.ft_stats, "joiner": args.joiner},
+                "stats": opt.ft_stats, "joiner": args.joiner, "consensus": consensus},
                args.out / f"{args.replica}-{os.getpid()}.pt")
     manager.shutdown(wait=False)
 

@@ -219,13 +219,17 @@ def test_without_failures_it_is_the_plain_wrapper_bit_for_bit(tmp_path: Path, wi
     extra = {"wire_dtype": wire} if wire else {}
     with Cluster(tmp_path, replicas, steps=steps, lr=0.05, topology="one-peer-exp", **extra) as cluster:
         for r in range(replicas):
-            cluster.start(r)
+            cluster.start(r, "--consensus")
         assert cluster.wait() == [0] * replicas, cluster.logs()
         results = cluster.results()
     expected = run_ranks(_plain_run, replicas, steps, getattr(torch, wire) if wire else None)
     for r in range(replicas):
         torch.testing.assert_close(results[r]["final"], expected[r], rtol=0, atol=0)
         assert results[r]["stats"].applied == steps and results[r]["stats"].dropped == 0
+    # consensus_distance() over the members, against its definition computed here from every replica's values
+    finals = torch.stack([results[r]["final"] for r in range(replicas)])
+    spread = float(((finals - finals.mean(0)) ** 2).sum(1).mean().sqrt())
+    assert spread > 0 and all(results[r]["consensus"] == pytest.approx(spread, rel=1e-9) for r in range(replicas))
 
 
 def _plain_run(rank: int, world_size: int, steps: int, wire: torch.dtype | None) -> torch.Tensor:

@@ -72,8 +72,8 @@ from .comm import GossipError
 from .config import GossipConfig
 from .gossip import CommStats, Gossip
 from .mixing import compressed_pair_mix_, pair_mix_sent_, quantize
-from .topo import Group, Schedule
-from .wrapper import _STATE_KEY, DecentOptimWrapper, _check_optimizer, _config, _make_topology
+from .topo import Group, Schedule, Topology
+from .wrapper import _STATE_KEY, DecentOptimWrapper, _check_optimizer, _config, _make_topology, squared_distance
 
 __all__ = ["ManagedDecentOptimWrapper", "FTStats"]
 
@@ -154,8 +154,7 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
                 raise ValueError(f"Invalid {name}={value!r} with a manager: the quorum gives rank and world size, "
                                  "and rounds run over the manager's process group. Leave it out.")
         _check_manager(manager)
-        if not _check_optimizer(optimizer):
-            raise ValueError(f"Invalid optimizer of type {type(optimizer).__name__}. Must be a torch.optim.Optimizer.")
+        _check_optimizer(optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         check_params(params)
         if not isinstance(topology, str) and not isinstance(topology, type) or config is not None and not (
@@ -165,7 +164,7 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
         given = {"topology": topology, "local_world_size": local_world_size, "bucket_cap_mb": bucket_cap_mb,
                  "timeout": timeout, **options}
         cfg = _config(config, given)
-        if timeout is None and (config is None or config.timeout is None):
+        if timeout is None and config is None:
             cfg = replace(cfg, timeout=manager._timeout)  # the manager's, as torchft's own collectives wait
         for name, default in (("compression", None), ("max_delay", 1), ("gossip_every", 1), ("check_finite", False)):
             if getattr(cfg, name) != default:
@@ -178,9 +177,8 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
         self._check_finite = False
         self._pg_ref = None  # type: ignore[assignment]  # rounds run over the manager's process group
         for n in range(2, 9):  # refuse a topology of larger groups now, not at the first membership change
-            _pair_schedule(cfg, 0, n)
-        self._topology = _make_topology(cfg.topology, 0, 1, 1)
-        self._schedule: Schedule = self._topology.schedule()
+            _pair_topology(cfg, 0, n)
+        self._topology, self._schedule = _pair_topology(cfg, 0, 1)
         self._rank, self._world_size = 0, 1  # until the first quorum
         self._buckets = build_buckets(params, cfg.bucket_cap_mb, lambda p: False)
         self._gossip = Gossip.alone(self._schedule, self._buckets, cfg)  # only for what the facade shares
@@ -229,9 +227,7 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
         commits, launch the next round. With ``GradScaler``, gradients with inf/NaN skip only the local update:
         the replica still ends and launches its rounds, as every member must."""
         self._check_views()
-        drop = self._dropping or self._held  # after global_avg() with no revert: see global_avg
-        self._held, self._held_extras, self._dropping = False, [], False
-        self._end_round(apply=not drop)
+        self._end_round_after_global_avg()
         self._join_quorum()
         commit = bool(self._manager.should_commit())
         loss = None
@@ -255,8 +251,14 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
         """End the round in flight now (applied or dropped as in a step). Not a barrier: under a manager the
         members leave when they are done, and a peer that left has already confirmed the last round."""
         self._check_views()
-        self._end_round(apply=not (self._dropping or self._held))
+        self._end_round_after_global_avg()
+
+    def _end_round_after_global_avg(self) -> None:
+        """End the round in flight; after a ``global_avg()`` with no revert, drop it (training goes on from the
+        average: see :meth:`global_avg`), and forget what that call kept."""
+        drop = self._dropping or self._held
         self._held, self._held_extras, self._dropping = False, [], False
+        self._end_round(apply=not drop)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._optimizer.zero_grad(set_to_none=set_to_none)
@@ -296,7 +298,7 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
         wire = self._config.wire_dtype
         sent, got, works = [], [], []
         pg = self._manager._pg
-        tag = _TAG_BASE + (index % _TAG_ROUNDS) * _TAG_STRIDE
+        tag = _tag(index)
         for j, i in enumerate(ids):
             flat = self._buckets[i].flat
             dtype = wire if wire is not None else flat.dtype
@@ -326,7 +328,7 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
             return
         pg = self._manager._pg
         timeout = self._timeout
-        ok = pending.sound and apply and len(pending.sent) == len(pending.ids)
+        ok = pending.sound and apply  # a launch that could not post every bucket is not sound
         deadline = time.monotonic() + timeout.total_seconds()
         gone = False
         try:
@@ -336,7 +338,7 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
                          exc)
             ok, gone = False, isinstance(exc, _PeerGone)
         verdict, theirs = torch.tensor([int(ok)], dtype=torch.uint8), torch.zeros(1, dtype=torch.uint8)
-        tag = _TAG_BASE + (pending.index % _TAG_ROUNDS) * _TAG_STRIDE + _TAG_STRIDE - 1
+        tag = _tag(pending.index) + _TAG_STRIDE - 1
         try:
             if gone:  # nobody to hear the verdict from
                 raise _PeerGone(f"replica {pending.peer} is gone")
@@ -422,27 +424,23 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
                 manager._quorum_future = None
                 continue
             self._quorum_id, self._rank, self._world_size = quorum_id, rank, n
-            self._schedule = _pair_schedule(self._config, rank, n)
-            self._topology = _make_topology(self._config.topology, rank, n, 1)
+            self._topology, self._schedule = _pair_topology(self._config, rank, n)
             self._ft_stats = replace(self._ft_stats, quorums=self._ft_stats.quorums + 1)
             logger.debug("replica {}/{}: quorum {}, round {}", rank, n, quorum_id, self._round)
             return
 
     def _exchange_membership(self, n: int) -> tuple[int, list[tuple[str, int]]]:
         """Every member's round counter and liveness address; the round all go on from is the largest."""
-        mine = torch.zeros(8 + 2 + _HOST_BYTES, dtype=torch.uint8)
-        mine[:8] = torch.tensor([self._round], dtype=torch.int64).view(torch.uint8)
         host, port = self._liveness.address
-        mine[8:10] = torch.tensor([port], dtype=torch.int16).view(torch.uint8) if port < 2**15 else \
-            torch.tensor([port - 2**16], dtype=torch.int16).view(torch.uint8)
         raw = host.encode()[:_HOST_BYTES]
-        mine[10:10 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        mine = torch.zeros(16 + _HOST_BYTES, dtype=torch.uint8)
+        mine[:16] = torch.tensor([self._round, port], dtype=torch.int64).view(torch.uint8)
+        mine[16:16 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         out = [torch.empty_like(mine) for _ in range(n)]
         self._manager._pg.allgather([out], [mine], AllgatherOptions()).wait(self._timeout)
-        rounds = [int(t[:8].view(torch.int64).item()) for t in out]
-        addresses = [(bytes(t[10:].tolist()).rstrip(b"\0").decode(), int(t[8:10].view(torch.int16).item()) % 2**16)
-                     for t in out]
-        return max(rounds), addresses
+        heads = [t[:16].view(torch.int64).tolist() for t in out]  # [round, port] of each member
+        addresses = [(bytes(t[16:].tolist()).rstrip(b"\0").decode(), p) for t, (_, p) in zip(out, heads)]
+        return max(r for r, _ in heads), addresses
 
     def _heal_state(self) -> dict[str, Any]:
         """What a joining replica receives: called by the manager inside the source's quorum, when nothing is in
@@ -518,10 +516,10 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
         """``sqrt(mean_i ||x_i - mean_j x_j||^2)`` over the members of the current quorum."""
         if self._world_size == 1:
             return 0.0
-        means = [b.flat.clone() for b in self._buckets if not b.frozen]
+        flats = [b.flat for b in self._buckets if not b.frozen]
+        means = [f.clone() for f in flats]
         self._allreduce_mean(means, "consensus_distance()")
-        sq = torch.tensor([sum(float((m - b.flat).double().square().sum()) for m, b in
-                               zip(means, [b for b in self._buckets if not b.frozen]))], dtype=torch.float64)
+        sq = torch.tensor([squared_distance(flats, means)], dtype=torch.float64)
         self._allreduce_mean([sq], "consensus_distance()")
         return math.sqrt(float(sq.item()))
 
@@ -544,6 +542,11 @@ class ManagedDecentOptimWrapper(DecentOptimWrapper):
             raise ValueError(f"Invalid state_dict[{_STATE_KEY!r}]: must hold the round counter state_dict() wrote.")
         self._optimizer.load_state_dict(state_dict)
         self._round, self._inflight = r, None
+
+
+def _tag(index: int) -> int:
+    """The first tag of round ``index``'s messages (its buckets', then its verdict's at the end of the range)."""
+    return _TAG_BASE + (index % _TAG_ROUNDS) * _TAG_STRIDE
 
 
 class _PeerGone(RuntimeError):
@@ -598,9 +601,10 @@ def _check_manager(manager: Any) -> None:
                          "one process (Manager(..., rank=0, world_size=1)).")
 
 
-def _pair_schedule(cfg: GossipConfig, rank: int, n: int) -> Schedule:
-    """The topology's schedule for ``n`` members, checked to use groups of at most two."""
-    schedule = _make_topology(cfg.topology, rank, n, 1).schedule()
+def _pair_topology(cfg: GossipConfig, rank: int, n: int) -> tuple[Topology, Schedule]:
+    """The topology for ``rank`` of ``n`` members and its schedule, checked to use groups of at most two."""
+    topology = _make_topology(cfg.topology, rank, n, 1)
+    schedule = topology.schedule()
     for t in range(schedule.period):
         for r in range(n):
             group: Group = schedule.group(r, t)
@@ -609,4 +613,4 @@ def _pair_schedule(cfg: GossipConfig, rank: int, n: int) -> Schedule:
                                  f"groups of {group.size}. Under a manager a round must be a pair (ring, "
                                  "one-peer-exp, torus, alternating-exp-ring), so that a member's death drops it on "
                                  "both sides or neither.")
-    return schedule
+    return topology, schedule

@@ -530,10 +530,7 @@ class DecentOptimWrapper(Optimizer, Joinable):
             return 0.0
         means = [b.flat.clone() for b in self._buckets]
         self._gossip.global_mean(means, "consensus_distance")
-        sq = 0.0
-        for b, m in zip(self._buckets, means):  # each bucket on its own device; no float64 copies
-            d = m.sub_(b.flat) if m.element_size() >= 4 else m.float().sub_(b.flat)
-            sq += float(d.square_().sum(dtype=torch.float64))
+        sq = squared_distance([b.flat for b in self._buckets], means)
         return math.sqrt(self._gossip.control_sum([sq])[0] / self._world_size)
 
     @torch.no_grad()
@@ -732,6 +729,17 @@ class _ShadowHook(JoinHook):
 
     def main_hook(self) -> None:
         self.wrapper._shadow(self.module)
+
+
+@torch.no_grad()
+def squared_distance(flats: list[torch.Tensor], means: list[torch.Tensor]) -> float:
+    """``sum ||mean - x||^2`` over the buckets ``flats``, formed in ``means`` (overwritten): each bucket on its own
+    device, no float64 copies (the squares are summed in float64)."""
+    sq = 0.0
+    for x, m in zip(flats, means):
+        d = m.sub_(x) if m.element_size() >= 4 else m.float().sub_(x)
+        sq += float(d.square_().sum(dtype=torch.float64))
+    return sq
 
 
 def _revert_flag(may_revert: bool, will_revert: bool | None) -> bool:
