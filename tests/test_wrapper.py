@@ -437,3 +437,23 @@ def test_non_contiguous_parameters_keep_their_values_and_layout(device: str) -> 
     conv(x).sum().backward()
     opt.step()  # trains as usual on the bucket views
     assert not torch.equal(conv.weight, expected[0])
+
+
+def test_signature_is_the_constructors_not_the_dispatching_new() -> None:
+    # DecentOptimWrapper.__new__ only picks the managed subclass; help(), IDEs and code that checks for an
+    # argument (the cluster benchmarks did) must see __init__'s arguments (they saw (*args, manager, **kwargs)).
+    import inspect
+
+    params = inspect.signature(DecentOptimWrapper).parameters
+    assert list(params)[:6] == ["optimizer", "rank", "world_size", "local_world_size", "topology", "bucket_cap_mb"]
+    assert {"wire_dtype", "compression", "max_delay", "gossip_every", "config", "manager"} <= set(params)
+    assert "args" not in params and "self" not in params
+
+    class Sub(DecentOptimWrapper):
+        def __init__(self, optimizer: torch.optim.Optimizer, extra: int = 1) -> None:
+            super().__init__(optimizer, rank=0, world_size=1)
+            self.extra = extra
+
+    assert list(inspect.signature(Sub).parameters) == ["optimizer", "extra"]
+    w = Sub(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1), extra=3)
+    assert w.extra == 3 and not hasattr(w, "__signature__")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
@@ -37,6 +38,16 @@ from .topo import Schedule, Topology, TopologyFactory
 __all__ = ["DecentOptimWrapper"]
 
 _STATE_KEY = "decent_optim_wrapper"
+
+
+class _InitSignature:
+    """``inspect.signature`` of a class: its ``__init__``'s, without ``self``."""
+
+    def __get__(self, obj: object, cls: type) -> inspect.Signature:
+        if obj is not None:  # an instance is not callable: it has no signature
+            raise AttributeError("__signature__")
+        sig = inspect.signature(cls.__init__)  # type: ignore[misc]
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 class DecentOptimWrapper(Optimizer, Joinable):
@@ -91,6 +102,10 @@ class DecentOptimWrapper(Optimizer, Joinable):
             is then a :class:`~decent_optim_wrapper.ft.ManagedDecentOptimWrapper`. Default ``None``: torchft is not
             imported.
     """
+
+    # inspect.signature(cls) reads a class's own __new__ before its __init__, and this __new__ only dispatches:
+    # without this, help(), IDEs and code that checks for an argument saw (*args, manager=None, **kwargs).
+    __signature__ = _InitSignature()
 
     def __new__(cls, *args: Any, manager: Any = None, **kwargs: Any) -> DecentOptimWrapper:
         if manager is not None and cls is DecentOptimWrapper:
