@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -23,3 +24,10 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here; the CUDA variants run on a "
                           "GPU machine")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous, a lighthouse, a master)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -4,7 +4,6 @@ checkpoint step they all have, and the final parameters equal an undisturbed run
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from elastic_worker import parse, train
-from harness import run_ranks
+from harness import free_port, run_ranks
 
 pytestmark = pytest.mark.slow  # torchrun jobs, restarted after a kill
 
@@ -21,17 +20,11 @@ WORKER = Path(__file__).with_name("elastic_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _torchrun(tmp: Path, name: str, *extra: str, restarts: int = 2) -> tuple[subprocess.CompletedProcess, Path]:
     out, ckpt = tmp / name / "out", tmp / name / "ckpt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "4",
            "--max-restarts", str(restarts), "--monitor-interval", "0.2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", str(WORKER), "--out", str(out), "--ckpt", str(ckpt),
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(WORKER), "--out", str(out), "--ckpt", str(ckpt),
            *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp)

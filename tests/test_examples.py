@@ -6,21 +6,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from harness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -31,7 +25,7 @@ def _run(cmd: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 
 def _torchrun(example: str, ranks: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", str(EXAMPLES / example), *args]
+            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", str(EXAMPLES / example), *args]
 
 
 @pytest.mark.slow
@@ -75,7 +69,7 @@ def test_ft_example_as_the_readme_runs_it_survives_a_kill(tmp_path: Path) -> Non
     import signal
     import time
 
-    lighthouse_port = _free_port()
+    lighthouse_port = free_port()
     exe = Path(sys.executable).with_name("torchft_lighthouse")
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", RUST_LOG="error",
                TORCHFT_LIGHTHOUSE=f"http://127.0.0.1:{lighthouse_port}",
@@ -89,7 +83,7 @@ def test_ft_example_as_the_readme_runs_it_survives_a_kill(tmp_path: Path) -> Non
             log = open(tmp_path / f"replica{i}.log", "w")
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "1",
-                 "--max-restarts", "3", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                 "--max-restarts", "3", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                  str(EXAMPLES / "train_ft.py"), "--steps", "3000", "--shards", "3"],
                 stdout=log, stderr=subprocess.STDOUT, text=True, env=dict(env, REPLICA_GROUP_ID=str(i)), cwd=tmp_path))
         deadline = time.time() + 120

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 pytest.importorskip("torchft", reason="torchft is not installed: uv sync --group ft-dev")
 
-from harness import run_ranks  # noqa: E402
+from harness import free_port, run_ranks  # noqa: E402
 
 from decent_optim_wrapper import DecentOptimWrapper  # noqa: E402
 
@@ -34,12 +33,6 @@ HEARTBEAT_MS = 1000
 pytestmark = pytest.mark.timeout(300)
 # The drills start a lighthouse and 3-5 processes that import torch (10-40 s each): not in the fast lane.
 drill = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _lighthouse(port: int) -> subprocess.Popen[bytes]:
@@ -54,7 +47,7 @@ class Cluster:
 
     def __init__(self, tmp: Path, replicas: int, **kw: Any) -> None:
         self.tmp, self.n, self.kw = tmp, replicas, kw
-        self.port = _free_port()
+        self.port = free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
         self.lighthouse = _lighthouse(self.port)
         time.sleep(0.3)
@@ -358,7 +351,7 @@ def test_a_lighthouse_restart_pauses_training_and_it_goes_on(tmp_path: Path) -> 
 
 @pytest.fixture(scope="module")
 def lighthouse() -> Any:
-    port = _free_port()
+    port = free_port()
     proc = _lighthouse(port)
     time.sleep(0.3)
     yield f"http://127.0.0.1:{port}"
