@@ -120,6 +120,57 @@ def test_compressed_mix_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatc
     torch.testing.assert_close(whole, xs[0].clone().add_(s, alpha=1 / 3), rtol=0, atol=0)
 
 
+def test_compressed_mixes_share_a_per_thread_scratch_and_stay_the_formula() -> None:
+    """The CPU scratch is reused across calls (a fresh 1 MiB block per call cost page faults every round) and
+    grows when needed; whatever the order of sizes, dtypes and threads, every result is the formula's."""
+    import threading
+
+    import decent_optim_wrapper.mixing as mixing
+
+    g = torch.Generator().manual_seed(3)
+
+    def case(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs = [torch.randn(n, generator=g) for _ in range(k)]
+        qs = [x.to(torch.bfloat16) for x in xs]
+        if k == 2:  # the pair kernel: q_peer - q_self in float32
+            got = compressed_pair_mix_(xs[0].clone(), qs[0], qs[1], 0.25)
+            want = xs[0].clone().add_(qs[1].float() - qs[0].float(), alpha=0.25)
+        else:  # the group kernel: the sum in float64
+            got = compressed_mix_(xs[0].clone(), qs[0], qs, 1 / k)
+            want = xs[0].clone().add_(sum(q.double() for q in qs) - k * qs[0].double(), alpha=1 / k)
+        return got, want
+
+    sizes = [(1000, 2), (COMPRESSED_CHUNK + 7, 2), (10, 3), (3 * COMPRESSED_CHUNK, 3), (5, 2)]
+    for n, k in sizes:
+        got, want = case(n, k)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    a = mixing._scratch(100, torch.float32, torch.device("cpu"))
+    b = mixing._scratch(COMPRESSED_CHUNK, torch.float32, torch.device("cpu"))
+    assert a.data_ptr() == b.data_ptr()  # one block, reused
+    other: list[int] = []
+    worker = threading.Thread(target=lambda: other.append(
+        mixing._scratch(100, torch.float32, torch.device("cpu")).data_ptr()))
+    worker.start()
+    worker.join()
+    assert other[0] != a.data_ptr()  # a thread of its own gets a block of its own
+    errors: list[BaseException] = []
+
+    def mix_in_thread() -> None:
+        try:
+            for n, k in sizes:
+                got, want = case(n, k)
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=mix_in_thread) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
 def _simulate(schedule: Schedule, xs: list[torch.Tensor], rounds: int, wire: torch.dtype,
               naive: bool = False) -> list[torch.Tensor]:
     """Every rank of ``schedule`` in one process, mixing with the package's kernels (or the naive rule)."""

@@ -40,6 +40,7 @@ last bit and only the final addition rounds.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -49,12 +50,30 @@ __all__ = ["pair_mix_", "scale_for_sum", "group_mix_", "pair_mix_sent_", "group_
            "lowrank_correction_", "orthonormal"]
 
 # Elements per chunk of the compressed mix, which bounds its scratch whatever the bucket size (a bucket-sized
-# temporary every round costs memory on the GPU). On the CPU the chunk is small enough that the scratch stays
-# in the allocator's reused memory and in cache: a pair of 3.2M elements mixes in 5.5 ms on one core with
-# chunks of 2^18 against 22 ms with 2^22, which page-faults a fresh 16 MiB every round; same values. On CUDA
-# (the caching allocator, no page faults) large chunks keep the number of kernel launches low.
+# temporary every round costs memory on the GPU). On the CPU the chunk stays in cache: a pair of 3.2M elements
+# mixes in 5.5 ms on one core with chunks of 2^18 against 22 ms with 2^22. On CUDA (the caching allocator, no
+# page faults) large chunks keep the number of kernel launches low.
 COMPRESSED_CHUNK = 1 << 18
 COMPRESSED_CHUNK_CUDA = 1 << 22
+
+# The CPU scratch is kept per thread and reused: torch's CPU allocator is malloc, and glibc serves a block of
+# 128 KiB or more with a fresh mmap (page faults on first touch, munmap on free) until the process has freed
+# one that large. In such a process a 1 MiB scratch made per call took a 3.2M-element pair mix from 1.5 ms to
+# 6-7 ms on one core (measured in a fresh interpreter); training loops that free large gradients each step
+# raise glibc's threshold and never saw it, others (gradients kept, small activations) would every round.
+_cpu_scratch = threading.local()
+
+
+def _scratch(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of ``n`` elements for a mix to work in: on the CPU a per-thread block reused
+    across calls (grown when needed), elsewhere a new one (CUDA's caching allocator reuses it anyway)."""
+    if device.type != "cpu":
+        return torch.empty(n, dtype=dtype, device=device)
+    blocks: dict[torch.dtype, torch.Tensor] = _cpu_scratch.__dict__.setdefault("blocks", {})
+    block = blocks.get(dtype)
+    if block is None or block.numel() < n:
+        block = blocks[dtype] = torch.empty(n, dtype=dtype)
+    return block[:n]
 
 
 @torch.no_grad()
@@ -143,7 +162,7 @@ def compressed_pair_mix_(x: torch.Tensor, q_self: torch.Tensor, q_peer: torch.Te
     """
     n = x.numel()
     chunk = _chunk(x)
-    scratch = torch.empty(min(n, chunk), dtype=x.dtype, device=x.device)
+    scratch = _scratch(min(n, chunk), x.dtype, x.device)
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         s = scratch[:size]
@@ -169,7 +188,7 @@ def compressed_mix_(x: torch.Tensor, q_self: torch.Tensor, q_group: Sequence[tor
     # float64 (values of different magnitudes need more than float32's 24 bits), and an inexact sum would move
     # the group's mean by its rounding every round.
     acc = x.dtype if k == 2 else torch.float64
-    scratch = torch.empty(min(n, chunk), dtype=acc, device=x.device)
+    scratch = _scratch(min(n, chunk), acc, x.device)
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         s = scratch[:size]
