@@ -74,6 +74,20 @@ def test_quantize_saturates_values_beyond_the_wire_range_instead_of_making_inf()
         == [1.0, 2.0]
 
 
+@pytest.mark.parametrize("wire", [torch.float16, torch.bfloat16])
+def test_quantize_is_clamp_then_round_bit_for_bit(wire: torch.dtype) -> None:
+    # the oracle saturates before rounding; quantize rounds first and clamps only where the rounded values
+    # overflowed: the same bits for every value, specials included
+    top = torch.finfo(wire).max
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(100_000, generator=g) * torch.logspace(0, 38.5, 100_000).clamp(max=3.4e38)
+    x[:8] = torch.tensor([float("inf"), float("-inf"), float("nan"), top * 1.001, -top * 1.001, top, 0.0, -0.0])
+    got = quantize(x, torch.empty(x.numel(), dtype=wire))
+    want = x.clamp(-top, top).to(wire)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert torch.isfinite(got[torch.isfinite(x) | torch.isinf(x)]).all()
+
+
 def test_pair_and_group_mix_of_what_was_sent_keep_a_write_and_the_bits() -> None:
     g = torch.Generator().manual_seed(2)
     sent, peer = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
