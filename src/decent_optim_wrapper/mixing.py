@@ -50,15 +50,15 @@ __all__ = ["pair_mix_", "scale_for_sum", "group_mix_", "pair_mix_sent_", "group_
            "lowrank_correction_", "orthonormal"]
 
 # Elements per chunk of the compressed mix, which bounds its scratch whatever the bucket size (a bucket-sized
-# temporary every round costs memory on the GPU). On the CPU the chunk stays in cache: a pair of 3.2M elements
-# mixes in 5.5 ms on one core with chunks of 2^18 against 22 ms with 2^22. On CUDA (the caching allocator, no
-# page faults) large chunks keep the number of kernel launches low.
+# temporary every round costs memory on the GPU). On the CPU the chunk stays in cache: with the scratch below, a
+# pair of 3.2M elements mixes in 1.35 ms on one core with chunks of 2^18 against 1.6-1.7 ms with 2^22. On CUDA
+# (the caching allocator, no page faults) large chunks keep the number of kernel launches low.
 COMPRESSED_CHUNK = 1 << 18
 COMPRESSED_CHUNK_CUDA = 1 << 22
 
 # The CPU scratch is kept per thread and reused: torch's CPU allocator is malloc, and glibc serves a block of
 # 128 KiB or more with a fresh mmap (page faults on first touch, munmap on free) until the process has freed
-# one that large. In such a process a 1 MiB scratch made per call took a 3.2M-element pair mix from 1.5 ms to
+# one that large. In such a process a 1 MiB scratch made per call took a 3.2M-element pair mix from 1.4 ms to
 # 6-7 ms on one core (measured in a fresh interpreter); training loops that free large gradients each step
 # raise glibc's threshold and never saw it, others (gradients kept, small activations) would every round.
 _cpu_scratch = threading.local()
