@@ -55,12 +55,23 @@ def host_cost(loopback: Path, ranks_per_core: float) -> float:
     return big["p2p"] / moved * ranks_per_core
 
 
-def check(summary: Path, loopback: Path, cores: int,
-          recorded: dict[str, dict[str, float]] | None = None) -> list[dict[str, object]]:
+def check(summary: Path, loopback: Path, cores: int, recorded: dict[str, dict[str, float]] | None = None,
+          local_from: Path | None = None) -> list[dict[str, object]]:
     """Rows of predicted against measured time per iteration; ``recorded``: the kernel times (ms, by group size
-    and wire bytes, ``"2x4"``) per run to use instead of timing them."""
+    and wire bytes, ``"2x4"``) per run to use instead of timing them; ``local_from``: a summary whose ``local`` run
+    gives the compute, for a run that has none (the same workload and cluster)."""
     d = json.loads(summary.read_text())
     cfg, results = d["config"], {r["method"]: r for r in d["results"]}
+    if "local" not in results:
+        if local_from is None:
+            raise SystemExit(f"{summary} has no `local` run, which gives the model the compute: add one to the run, "
+                             "or pass --local-from with a summary of the same workload and cluster that has one")
+        other = json.loads(local_from.read_text())
+        alone = next((r for r in other["results"] if r["method"] == "local"), None)
+        shape = ("workload", "hosts", "procs_per_host")
+        if alone is None or [other["config"][k] for k in shape] != [cfg[k] for k in shape]:
+            raise SystemExit(f"--local-from {local_from} has no `local` run of {summary}'s workload and cluster")
+        results["local"] = alone
     hosts, local = cfg["hosts"], cfg["procs_per_host"]
     n = hosts * local
     # the model's size: from any run that sent something (bytes per step / the same as model-sizes)
@@ -121,13 +132,15 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores the cluster runs shared")
     parser.add_argument("--out", type=Path, help="write the rows as JSON")
     parser.add_argument("--round-work", type=Path, help="take the kernel times from this --out file, not timing them")
+    parser.add_argument("--local-from", type=Path, help="a summary.json whose `local` run gives the compute to runs "
+                        "without one (the same workload and cluster)")
     args = parser.parse_args()
     if args.cores < 1:
         parser.error(f"--cores must be >= 1, got {args.cores}")
     recorded = None
     if args.round_work is not None:
         recorded = {str(r["run"]): r["round_work_ms"] for r in json.loads(args.round_work.read_text())}
-    rows = [row for s in args.summaries for row in check(s, args.loopback, args.cores, recorded)]
+    rows = [row for s in args.summaries for row in check(s, args.loopback, args.cores, recorded, args.local_from)]
     print(f"{'run':<28}{'method':<22}{'measured ms':>12}{'predicted ms':>14}{'error':>8}")
     for r in rows:
         print(f"{r['run']:<28}{r['method']:<22}{r['measured_ms']:>12.1f}{r['predicted_ms']:>14.1f}"

@@ -317,3 +317,29 @@ def test_cost_model_stays_within_25_percent_of_the_published_cluster_runs(tmp_pa
     assert [(r["run"], r["method"]) for r in rows if abs(r["error"]) > 0.25] == []
     expected = {(r["run"], r["method"]): r["predicted_ms"] for r in json.loads(published.read_text())}
     assert {(r["run"], r["method"]): r["predicted_ms"] for r in rows} == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_cost_model_check_takes_the_compute_from_another_run_only_when_told(tmp_path: Path) -> None:
+    """A run without a `local` launch (the gossip_every runs at 10 Mbit/s) is checked with --local-from, as
+    published (benchmarks/README.md): every prediction as published, from the recorded kernel times; without
+    --local-from, or with a summary of another workload, a clear error instead of a KeyError."""
+    root = Path(__file__).resolve().parents[1]
+    cluster = root / "benchmarks" / "results" / "cluster"
+    script = [sys.executable, str(root / "benchmarks" / "cost_model_check.py"), "--cores", "2",
+              str(cluster / "lm-4x1-10mbit-every" / "summary.json")]
+    published = cluster / "cost_model_check_10mbit_every.json"
+    out = tmp_path / "check.json"
+    done = subprocess.run([*script, "--local-from", str(cluster / "lm-4x1-10mbit-repeat" / "summary.json"),
+                           "--round-work", str(published), "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())
+    expected = {r["method"]: r["predicted_ms"] for r in json.loads(published.read_text())}
+    assert len(rows) == 3 and {r["method"]: r["predicted_ms"] for r in rows} == pytest.approx(expected, rel=1e-9)
+    assert all(abs(r["error"]) <= 0.25 for r in rows)
+    missing = subprocess.run(script, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "has no `local` run" in missing.stderr and "--local-from" in missing.stderr
+    other = subprocess.run([*script, "--local-from", str(cluster / "mlp-4x1-1gbit-delay" / "summary.json")],
+                           capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "has no `local` run of" in other.stderr
