@@ -197,6 +197,9 @@ def summarise(method: str, per_rank: list[dict[str, Any]], cfg: dict[str, Any]) 
         "wire_x_model": wire / param_bytes,
         "wire_rx_bytes_per_host_step": statistics.mean(c["wire_rx"] for c in hosts) / steps,
         "local_bytes_per_host_step": statistics.mean(c["lo_tx"] for c in hosts) / steps,
+        # runs recorded before this counter existed: None
+        "tcp_retrans_per_host_step": (statistics.mean(c["tcp_retrans"] for c in hosts) / steps
+                                      if all("tcp_retrans" in c for c in hosts) else None),
         "final_val_loss": points[-1][2],
         "best_val_loss": min(p[2] for p in points),
         "final_train_loss": statistics.mean(x for r in per_rank for x in r["losses"][-tail:]),

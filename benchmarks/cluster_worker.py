@@ -47,7 +47,15 @@ def _counters(ifname: str) -> dict[str, int]:
     def read(dev: str, what: str) -> int:
         return int(Path(f"/sys/class/net/{dev}/statistics/{what}").read_text())
 
-    return {"wire_tx": read(ifname, "tx_bytes"), "wire_rx": read(ifname, "rx_bytes"), "lo_tx": read("lo", "tx_bytes")}
+    return {"wire_tx": read(ifname, "tx_bytes"), "wire_rx": read(ifname, "rx_bytes"), "lo_tx": read("lo", "tx_bytes"),
+            "tcp_retrans": _tcp_retransmitted()}
+
+
+def _tcp_retransmitted() -> int:
+    """TCP segments this host has sent again (``RetransSegs`` of ``/proc/net/snmp``, which ``ip netns exec`` shows
+    per namespace): a shaped link's queue that overflows shows here, as a stall no byte counter sees."""
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("RetransSegs")])
 
 
 def wrap(method: str, workload: workloads.Workload, timeout_s: float, anchor: anchors.Anchor | None,

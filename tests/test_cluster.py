@@ -132,6 +132,8 @@ def test_toy_comparison_runs_every_method_over_the_shaped_links(tmp_path: Path) 
         # 2 hosts: a DDP ring all-reduce and a one-peer exchange both send the whole model once a step.
         assert 0.95 < r["wire_x_model"] < 1.15, (method, r["wire_x_model"])
         assert r["local_bytes_per_host_step"] < 1e4  # one rank per host: nothing between local ranks
+        # the host's own TCP retransmissions (its namespace's /proc/net/snmp), a count per step
+        assert isinstance(r["tcp_retrans_per_host_step"], float) and r["tcp_retrans_per_host_step"] >= 0
     assert "Target validation loss" in stdout and "one-peer-exp" in stdout
     for png in ("val_loss_vs_time.png", "val_loss_vs_step.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
