@@ -214,15 +214,19 @@ class Cluster:
     its cleaner process) when the harness is killed.
     """
 
-    def __init__(self, hosts: int, rate: str | float, delay_ms: float = 0.0, name: str | None = None) -> None:
+    def __init__(self, hosts: int, rate: str | float, delay_ms: float = 0.0, name: str | None = None,
+                 queue_ms: float = TBF_LATENCY_MS) -> None:
         if hosts < 2:
             raise ValueError(f"Invalid hosts={hosts}. Must be >= 2.")
         if hosts > 250:
             raise ValueError(f"Invalid hosts={hosts}. Must be <= 250 (one /24).")
         if delay_ms < 0:
             raise ValueError(f"Invalid delay_ms={delay_ms}. Must be >= 0.")
+        if not queue_ms > 0:
+            raise ValueError(f"Invalid queue_ms={queue_ms}. Must be > 0.")
         self.rate = parse_rate(rate)
         self.delay_ms = delay_ms
+        self.queue_ms = queue_ms  # tbf's latency: the longest a packet may wait in a link's queue
         self.prefix = f"{PREFIX}{os.getpid()}-" if name is None else f"{PREFIX}{os.getpid()}-{name}-"
         self.bridge_ns = self.prefix + "br"
         self.hosts = [Host(k, f"{self.prefix}h{k}", f"{SUBNET}.{k + 1}") for k in range(hosts)]
@@ -298,7 +302,7 @@ class Cluster:
         burst = max(MIN_BURST, int(rate_bytes * 1e-3))  # 1 ms worth at the rate, at least one GSO packet
         _ip("-n", ns, "link", "set", dev, "txqueuelen", "1000")
         _run("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf", "rate", str(self.rate),
-             "burst", str(burst), "latency", f"{TBF_LATENCY_MS}ms")
+             "burst", str(burst), "latency", f"{self.queue_ms:g}ms")
         if self.delay_ms > 0:
             proc = subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:",
                                    "netem", "delay", f"{self.delay_ms}ms"], capture_output=True, text=True)

@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors  # noqa: E402  (sibling files, not a package)
 import gossip_methods  # noqa: E402
 from cluster import (  # noqa: E402
+    TBF_LATENCY_MS,
     Cluster,
     ClusterError,
     NeedRootError,
@@ -303,6 +304,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--procs-per-host", type=int, default=1, help="ranks per host, sharing its link")
     parser.add_argument("--rate", default="1gbit", help="each host link, each direction: 1gbit, 100mbit, ...")
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay per link (needs netem)")
+    parser.add_argument("--queue-ms", type=float, default=TBF_LATENCY_MS,
+                        help="the longest a packet may wait in a link's queue before it is dropped (tbf's latency)")
     parser.add_argument("--workload", choices=["lm", "mlp"], default="lm")
     parser.add_argument("--steps", type=int, help="step budget, the same for every method (default per workload)")
     parser.add_argument("--batch-size", type=int, help="per rank (default per workload)")
@@ -322,8 +325,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--hosts must be >= 2 and --procs-per-host >= 1")
     d = DEFAULTS[args.workload]
     steps = args.steps or d["steps"]
-    if steps < 2 or args.evals < 1 or args.repeat < 1:
-        parser.error("--steps must be >= 2, --evals >= 1 and --repeat >= 1")
+    if steps < 2 or args.evals < 1 or args.repeat < 1 or not args.queue_ms > 0:
+        parser.error("--steps must be >= 2, --evals >= 1, --repeat >= 1 and --queue-ms > 0")
     try:
         require_privileges()  # before anything slow: say at once what is missing
     except ClusterError as exc:
@@ -340,6 +343,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     eval_steps = sorted({round(i * steps / args.evals) for i in range(args.evals)})
     cfg: dict[str, Any] = {
         "hosts": args.hosts, "procs_per_host": args.procs_per_host, "rate": rate, "delay_ms": args.delay_ms,
+        "queue_ms": args.queue_ms,
         "workload": args.workload, "steps": steps, "batch_size": args.batch_size or d["batch_size"],
         "lr": args.lr or d["lr"], "eval_steps": eval_steps, "seed": args.seed, "target": args.target,
         "timeout": args.timeout, "methods": methods, "repeat": args.repeat,
@@ -351,7 +355,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     t_start = time.time()
     bar = None
     try:
-        with Cluster(args.hosts, rate, args.delay_ms) as cluster:
+        with Cluster(args.hosts, rate, args.delay_ms, queue_ms=args.queue_ms) as cluster:
             cfg["measured_rate"] = cluster.measure_rate()
             print(f"{args.hosts} hosts x {args.procs_per_host} rank(s), link {format_rate(rate)} requested, "
                   f"{format_rate(cfg['measured_rate'])} measured (one TCP stream host 0 -> host 1, goodput: "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,9 +79,15 @@ def _processes_mentioning(text: str) -> list[str]:
 @needs_namespaces
 @pytest.mark.timeout(60)
 def test_links_are_shaped_to_the_rate_asked_for_and_everything_is_removed() -> None:
-    with cluster.Cluster(hosts=3, rate="100mbit") as c:
+    with pytest.raises(ValueError, match=re.escape("Invalid queue_ms=0. Must be > 0.")):
+        cluster.Cluster(hosts=2, rate="1gbit", queue_ms=0)
+    with cluster.Cluster(hosts=3, rate="100mbit", queue_ms=35) as c:
         names = _ours(os.getpid())
         assert sorted(names) == sorted([c.bridge_ns] + [h.netns for h in c.hosts])
+        # every host link's queue holds packets for at most the queue_ms asked for (tbf's latency)
+        qdisc = subprocess.run(c.hosts[0].argv(["tc", "qdisc", "show", "dev", "eth0"]), capture_output=True,
+                               text=True).stdout
+        assert "tbf" in qdisc and "lat 35ms" in qdisc, qdisc
         measured = c.measure_rate(src=2, dst=0, seconds=1.0)
         # TCP goodput over Ethernet framing is ~95% of the link rate; tbf must not let more through.
         assert 0.85 * 100e6 < measured < 1.0 * 100e6, measured
