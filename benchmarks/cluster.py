@@ -101,6 +101,16 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def available_tcp_cc() -> set[str]:
+    """The TCP congestion controls this kernel offers (a namespace may pick any of them)."""
+    return set(Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split())
+
+
+def allowed_tcp_cc() -> set[str]:
+    """The congestion controls a network namespace other than the machine's own may choose as its default."""
+    return set(Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().split())
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return _run("ip", *args, check=check)
 
@@ -215,7 +225,7 @@ class Cluster:
     """
 
     def __init__(self, hosts: int, rate: str | float, delay_ms: float = 0.0, name: str | None = None,
-                 queue_ms: float = TBF_LATENCY_MS) -> None:
+                 queue_ms: float = TBF_LATENCY_MS, tcp_cc: str | None = None) -> None:
         if hosts < 2:
             raise ValueError(f"Invalid hosts={hosts}. Must be >= 2.")
         if hosts > 250:
@@ -227,12 +237,22 @@ class Cluster:
         self.rate = parse_rate(rate)
         self.delay_ms = delay_ms
         self.queue_ms = queue_ms  # tbf's latency: the longest a packet may wait in a link's queue
+        if tcp_cc is not None and tcp_cc not in available_tcp_cc():
+            raise ValueError(f"Invalid tcp_cc={tcp_cc!r}. This kernel has {sorted(available_tcp_cc())}.")
+        # A new namespace starts with the machine's default congestion control (bbr on some machines, cubic on
+        # most Linux installs); None keeps it, and tcp_cc() says which one the hosts ran.
+        self._tcp_cc = tcp_cc
         self.prefix = f"{PREFIX}{os.getpid()}-" if name is None else f"{PREFIX}{os.getpid()}-{name}-"
         self.bridge_ns = self.prefix + "br"
         self.hosts = [Host(k, f"{self.prefix}h{k}", f"{SUBNET}.{k + 1}") for k in range(hosts)]
         self._cleaner: subprocess.Popen[bytes] | None = None
         self._cleaner_pipe: int | None = None
         self._launches = 0
+
+    def tcp_cc(self) -> str:
+        """The TCP congestion control the hosts run (read from the first host once the cluster is built)."""
+        return _run("ip", "netns", "exec", self.hosts[0].netns, "sysctl", "-n",
+                    "net.ipv4.tcp_congestion_control").stdout.strip()
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Cluster:
@@ -295,6 +315,17 @@ class Cluster:
             # No IPv6: no router solicitations or DAD packets on the links, so the byte counters see only the job.
             subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
                            capture_output=True)
+        if self._tcp_cc is not None:
+            if self._tcp_cc not in allowed_tcp_cc():
+                # Outside the machine's own namespace the kernel lets a namespace pick only an allowed one (EPERM
+                # otherwise, even for root); allowing one is the machine's business, not this harness's.
+                raise ClusterError(
+                    f"tcp_cc={self._tcp_cc!r} is not allowed in a network namespace on this machine (allowed: "
+                    f"{' '.join(sorted(allowed_tcp_cc()))}). Allow it first, e.g.: sysctl -w "
+                    f"net.ipv4.tcp_allowed_congestion_control=\"{' '.join(sorted(allowed_tcp_cc() | {self._tcp_cc}))}\""
+                )
+            for h in self.hosts:
+                _run("ip", "netns", "exec", h.netns, "sysctl", "-qw", f"net.ipv4.tcp_congestion_control={self._tcp_cc}")
         self._wait_links_up()
 
     def _shape(self, ns: str, dev: str) -> None:

@@ -56,6 +56,7 @@ from cluster import (  # noqa: E402
     Cluster,
     ClusterError,
     NeedRootError,
+    available_tcp_cc,
     format_rate,
     parse_rate,
     require_privileges,
@@ -306,6 +307,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay per link (needs netem)")
     parser.add_argument("--queue-ms", type=float, default=TBF_LATENCY_MS,
                         help="the longest a packet may wait in a link's queue before it is dropped (tbf's latency)")
+    parser.add_argument("--tcp-cc", help="TCP congestion control of the hosts (e.g. cubic, bbr); default: the "
+                        "machine's, recorded in summary.json either way")
     parser.add_argument("--workload", choices=["lm", "mlp"], default="lm")
     parser.add_argument("--steps", type=int, help="step budget, the same for every method (default per workload)")
     parser.add_argument("--batch-size", type=int, help="per rank (default per workload)")
@@ -327,6 +330,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     steps = args.steps or d["steps"]
     if steps < 2 or args.evals < 1 or args.repeat < 1 or not args.queue_ms > 0:
         parser.error("--steps must be >= 2, --evals >= 1, --repeat >= 1 and --queue-ms > 0")
+    if args.tcp_cc is not None and args.tcp_cc not in available_tcp_cc():
+        parser.error(f"--tcp-cc {args.tcp_cc}: this kernel has {' '.join(sorted(available_tcp_cc()))}")
     try:
         require_privileges()  # before anything slow: say at once what is missing
     except ClusterError as exc:
@@ -355,7 +360,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     t_start = time.time()
     bar = None
     try:
-        with Cluster(args.hosts, rate, args.delay_ms, queue_ms=args.queue_ms) as cluster:
+        with Cluster(args.hosts, rate, args.delay_ms, queue_ms=args.queue_ms, tcp_cc=args.tcp_cc) as cluster:
+            cfg["tcp_cc"] = cluster.tcp_cc()
             cfg["measured_rate"] = cluster.measure_rate()
             print(f"{args.hosts} hosts x {args.procs_per_host} rank(s), link {format_rate(rate)} requested, "
                   f"{format_rate(cfg['measured_rate'])} measured (one TCP stream host 0 -> host 1, goodput: "

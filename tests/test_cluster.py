@@ -107,6 +107,32 @@ def test_links_are_shaped_to_the_rate_asked_for_and_everything_is_removed() -> N
 
 @pytest.mark.slow
 @needs_namespaces
+@pytest.mark.timeout(60)
+def test_hosts_run_the_congestion_control_asked_for_or_the_machines() -> None:
+    default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    with pytest.raises(ValueError, match=re.escape("Invalid tcp_cc='no-such-cc'. This kernel has")):
+        cluster.Cluster(hosts=2, rate="1gbit", tcp_cc="no-such-cc")
+    with cluster.Cluster(hosts=2, rate="1gbit") as c:
+        assert c.tcp_cc() == default
+    # reno is always built in and allowed; any other allowed one would do as long as it is not the default
+    other = sorted(cluster.allowed_tcp_cc() - {default})
+    if other:
+        with cluster.Cluster(hosts=2, rate="1gbit", tcp_cc=other[0]) as c:
+            assert c.tcp_cc() == other[0]
+            for h in c.hosts:
+                out = subprocess.run(h.argv(["sysctl", "-n", "net.ipv4.tcp_congestion_control"]),
+                                     capture_output=True, text=True).stdout.strip()
+                assert out == other[0]
+    restricted = sorted(cluster.available_tcp_cc() - cluster.allowed_tcp_cc())
+    if restricted:  # built but not allowed in a namespace: a clear error that says how to allow it
+        with pytest.raises(cluster.ClusterError, match="net.ipv4.tcp_allowed_congestion_control"):
+            with cluster.Cluster(hosts=2, rate="1gbit", tcp_cc=restricted[0]):
+                pass
+    assert _ours(os.getpid()) == []
+
+
+@pytest.mark.slow
+@needs_namespaces
 @pytest.mark.timeout(300)
 def test_toy_comparison_runs_every_method_over_the_shaped_links(tmp_path: Path) -> None:
     out = tmp_path / "results"
@@ -129,6 +155,7 @@ def test_toy_comparison_runs_every_method_over_the_shaped_links(tmp_path: Path) 
     for r in rows.values():
         assert len(r["iter_ms_runs"]) == 2 and r["iter_ms"] == min(r["iter_ms_runs"])
         assert r["same_val_loss_in_every_run"] is True
+    assert cfg["tcp_cc"] == Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     assert 0.5e9 < cfg["measured_rate"] < 1e9  # loose below: at 1 Gbit/s a loaded CPU can limit the stream
     for method, r in rows.items():
         curve = summary["curves"][method]
@@ -245,4 +272,16 @@ def test_without_net_admin_it_says_so_and_exits_nonzero() -> None:
     _, err = proc.communicate(timeout=50)
     assert proc.returncode == 2, err
     assert "needs root" in err and "CAP_NET_ADMIN" in err and "sudo" in err
+    assert _ours(proc.pid) == []
+
+
+@pytest.mark.slow  # a fresh interpreter running the harness
+@pytest.mark.timeout(60)
+def test_an_unknown_congestion_control_is_refused_before_anything_is_built() -> None:
+    proc = subprocess.Popen([*COMPARE, "--hosts", "2", "--steps", "2", "--tcp-cc", "no-such-cc"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=50)
+    assert proc.returncode == 2, err
+    known = " ".join(sorted(cluster.available_tcp_cc()))
+    assert f"--tcp-cc no-such-cc: this kernel has {known}" in err
     assert _ours(proc.pid) == []
