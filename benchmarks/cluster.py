@@ -47,8 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["Cluster", "ClusterError", "Host", "NeedRootError", "can_create_namespaces", "cleanup", "cleanup_stale",
-           "format_rate", "namespace_pids", "namespaces", "parse_rate", "require_privileges"]
+__all__ = ["Cluster", "ClusterError", "Host", "NeedRootError", "allowed_tcp_cc", "available_tcp_cc",
+           "can_create_namespaces", "cleanup", "cleanup_stale", "connect", "format_rate", "namespace_pids",
+           "namespaces", "parse_rate", "require_privileges"]
 
 PREFIX = "dow-"
 SUBNET = "10.213.0"  # host k is SUBNET.(k+1); the addresses exist only inside this harness's namespaces
@@ -237,8 +238,17 @@ class Cluster:
         self.rate = parse_rate(rate)
         self.delay_ms = delay_ms
         self.queue_ms = queue_ms  # tbf's latency: the longest a packet may wait in a link's queue
-        if tcp_cc is not None and tcp_cc not in available_tcp_cc():
-            raise ValueError(f"Invalid tcp_cc={tcp_cc!r}. This kernel has {sorted(available_tcp_cc())}.")
+        if tcp_cc is not None:
+            available, allowed = available_tcp_cc(), allowed_tcp_cc()
+            if tcp_cc not in available:
+                raise ValueError(f"Invalid tcp_cc={tcp_cc!r}. This kernel has {sorted(available)}.")
+            if tcp_cc not in allowed:
+                # Outside the machine's own namespace the kernel lets a namespace pick only an allowed one (EPERM
+                # otherwise, even for root); allowing one is the machine's business, not this harness's.
+                raise ClusterError(
+                    f"tcp_cc={tcp_cc!r} is not allowed in a network namespace on this machine (allowed: "
+                    f"{' '.join(sorted(allowed))}). Allow it first, e.g.: sysctl -w "
+                    f"net.ipv4.tcp_allowed_congestion_control=\"{' '.join(sorted(allowed | {tcp_cc}))}\"")
         # A new namespace starts with the machine's default congestion control (bbr on some machines, cubic on
         # most Linux installs); None keeps it, and tcp_cc() says which one the hosts ran.
         self._tcp_cc = tcp_cc
@@ -251,8 +261,7 @@ class Cluster:
 
     def tcp_cc(self) -> str:
         """The TCP congestion control the hosts run (read from the first host once the cluster is built)."""
-        return _run("ip", "netns", "exec", self.hosts[0].netns, "sysctl", "-n",
-                    "net.ipv4.tcp_congestion_control").stdout.strip()
+        return _run(*self.hosts[0].argv(["sysctl", "-n", "net.ipv4.tcp_congestion_control"])).stdout.strip()
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Cluster:
@@ -316,16 +325,8 @@ class Cluster:
             subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"],
                            capture_output=True)
         if self._tcp_cc is not None:
-            if self._tcp_cc not in allowed_tcp_cc():
-                # Outside the machine's own namespace the kernel lets a namespace pick only an allowed one (EPERM
-                # otherwise, even for root); allowing one is the machine's business, not this harness's.
-                raise ClusterError(
-                    f"tcp_cc={self._tcp_cc!r} is not allowed in a network namespace on this machine (allowed: "
-                    f"{' '.join(sorted(allowed_tcp_cc()))}). Allow it first, e.g.: sysctl -w "
-                    f"net.ipv4.tcp_allowed_congestion_control=\"{' '.join(sorted(allowed_tcp_cc() | {self._tcp_cc}))}\""
-                )
             for h in self.hosts:
-                _run("ip", "netns", "exec", h.netns, "sysctl", "-qw", f"net.ipv4.tcp_congestion_control={self._tcp_cc}")
+                _run(*h.argv(["sysctl", "-qw", f"net.ipv4.tcp_congestion_control={self._tcp_cc}"]))
         self._wait_links_up()
 
     def _shape(self, ns: str, dev: str) -> None:
@@ -450,16 +451,20 @@ def _sink(addr: str, port: int) -> None:
     print(total * 8 / (last - first) if first is not None and last > first else 0.0)
 
 
-def _source(addr: str, port: int, seconds: float) -> None:
-    deadline = time.monotonic() + 10
-    while True:  # the sink may still be starting
+def connect(addr: str, port: int, wait_s: float = 10.0) -> socket.socket:
+    """A TCP connection to ``addr:port``, retried for up to ``wait_s`` while the listener may still be starting."""
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            conn = socket.create_connection((addr, port), timeout=10)
-            break
+            return socket.create_connection((addr, port), timeout=10)
         except ConnectionRefusedError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def _source(addr: str, port: int, seconds: float) -> None:
+    conn = connect(addr, port)
     chunk = b"\0" * (1 << 20)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:

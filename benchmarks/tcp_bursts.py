@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cluster import Cluster  # noqa: E402
+from cluster import Cluster, connect  # noqa: E402
 
 PORT = 5555
 
@@ -45,16 +45,7 @@ def sink(addr: str, nbytes: int) -> None:
 
 
 def source(peers: list[str], nbytes: int, period_s: float, bursts: int) -> None:
-    conns = []
-    for p in peers:
-        for _ in range(100):
-            try:
-                conns.append(socket.create_connection((p, PORT)))
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise SystemExit(f"no sink at {p}:{PORT}")
+    conns = [connect(p, PORT) for p in peers]  # the sinks may still be starting
     data, times = b"x" * nbytes, []
     locks = [threading.Lock() for _ in conns]  # one burst at a time per connection, as gloo sends them
 
