@@ -10,6 +10,7 @@ to ``OUT/<run>.rank<r>.pt``; errors that a scenario expects are written to ``OUT
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import shutil
@@ -259,11 +260,22 @@ def misc() -> None:
 
 def torchrun() -> None:
     """Ranks started by torchrun (Lightning only joins them): train, checkpoint, resume, in one job."""
+    # Registered before Lightning creates the process group, so it runs after every atexit hook registered later
+    # (the strategy's among them): what a finalising interpreter would find.
+    exit_record = OUT / f"torchrun.exit.rank{os.environ['RANK']}.txt"
+    atexit.register(lambda: exit_record.write_text("alive" if torch.distributed.is_initialized() else "destroyed"))
     ckpts = OUT / "torchrun_ckpt"
     save = ModelCheckpoint(dirpath=ckpts, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer("torchrun", 2, callbacks=(save,), start_method="popen", max_epochs=2).fit(Module())
-    trainer("torchrun_resumed", 2, start_method="popen", max_epochs=2).fit(
-        Module(), ckpt_path=str(ckpts / "epoch=0.ckpt"))
+    resumed = trainer("torchrun_resumed", 2, start_method="popen", max_epochs=2)
+    resumed.fit(Module(), ckpt_path=str(ckpts / "epoch=0.ckpt"))
+    # The script ends on collectives, as one that reduces a last metric does. Lightning leaves a gloo group to
+    # interpreter shutdown, where a gloo worker still releasing a finished all_reduce's tensors aborts the
+    # process; the strategy destroys the group at exit, so every rank exits with 0. A long switch interval keeps
+    # the GIL from that worker until shutdown, as a loaded machine sometimes does.
+    sys.setswitchinterval(10.0)
+    for _ in range(20):
+        resumed.strategy.reduce(torch.ones(1), reduce_op="sum")
 
 
 if __name__ == "__main__":

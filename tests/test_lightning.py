@@ -279,9 +279,12 @@ def test_low_rank_gossip_with_rounds_that_span_steps_under_lightning(fork: Path,
     assert runs[0]["final_local"] != runs[1]["final_local"]
 
 
-def test_torchrun_launch_checkpoint_and_resume(torchrun: Path, refs: list[dict]) -> None:
+def test_torchrun_launch_checkpoint_resume_and_a_clean_exit(torchrun: Path, refs: list[dict]) -> None:
     full, resumed = _records(torchrun, "torchrun", 2), _records(torchrun, "torchrun_resumed", 2)
     assert [r["final_local"] for r in full] == [ref["torchrun"] for ref in refs[:2]]
     assert [r["final_local"] for r in resumed] == [r["final_local"] for r in full]
     assert full[0]["final_local"] != full[1]["final_local"]
     assert all(r["final"] == full[0]["final"] for r in full + resumed)
+    # The job ended on all_reduces; Lightning created the gloo group, and the strategy destroyed it before the
+    # interpreter's shutdown (the job's exit code 0 is checked by the fixture too).
+    assert [(torchrun / f"torchrun.exit.rank{r}.txt").read_text() for r in range(2)] == ["destroyed"] * 2
