@@ -26,7 +26,8 @@ It reports time per iteration (for a method that talks every H steps, the mean o
 host per step on the shaped link (interface counters, the same for every method) and on ``lo`` (traffic
 between ranks of one host), the validation loss of the globally averaged model against steps and against
 training wall-clock (evaluation excluded), and the wall-clock each method needs to reach a target validation
-loss (``--target``, or by default the loss DDP reaches at 80% of the budget). ``--repeat N`` launches every
+loss (``--target``, or by default the loss DDP reaches at 80% of the budget), and the CPU each step costs (each
+rank's user and system time, and the machine's busy, system and softirq time). ``--repeat N`` launches every
 method N times, interleaved, each repetition in a rotated order; a method's row is its median launch (on a
 2-core machine one method's iteration time varies by up to 10% from one launch to the next, and a first launch
 on a new cluster can run 20% slower: more than the differences between some methods).
@@ -202,6 +203,9 @@ def summarise(method: str, per_rank: list[dict[str, Any]], cfg: dict[str, Any]) 
         # runs recorded before this counter existed: None
         "tcp_retrans_per_host_step": (statistics.mean(c["tcp_retrans"] for c in hosts) / steps
                                       if all("tcp_retrans" in c for c in hosts) else None),
+        # CPU per step over the whole loop (runs recorded before these existed: None): each rank's own, the
+        # mean over ranks, and the machine's (every emulated host shares its cores)
+        **_cpu_per_step(per_rank, steps),
         "final_val_loss": points[-1][2],
         "best_val_loss": min(p[2] for p in points),
         "final_train_loss": statistics.mean(x for r in per_rank for x in r["losses"][-tail:]),
@@ -210,6 +214,17 @@ def summarise(method: str, per_rank: list[dict[str, Any]], cfg: dict[str, Any]) 
         "iter_window": [warm, steps],
         "setup": per_rank[0].get("setup"),
     }
+
+
+def _cpu_per_step(per_rank: list[dict[str, Any]], steps: int) -> dict[str, float | None]:
+    ranks = [r["cpu_s"] for r in per_rank if "cpu_s" in r]
+    machine = next((r["machine_cpu_s"] for r in per_rank if r.get("machine_cpu_s")), None)
+    out: dict[str, float | None] = {
+        f"cpu_{k}_ms_per_rank_step": statistics.mean(c[k] for c in ranks) / steps * 1e3 if ranks else None
+        for k in ("user", "system")}
+    out.update({f"machine_{k}_ms_per_step": machine[k] / steps * 1e3 if machine else None
+                for k in ("busy", "system", "softirq")})
+    return out
 
 
 def choose_target(cfg: dict[str, Any], curves: dict[str, list[tuple[int, float, float]]]) -> tuple[float, str]:

@@ -90,6 +90,14 @@ def _log(what: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} rank {os.environ['RANK']}] {what}", flush=True)
 
 
+def _machine_cpu() -> dict[str, int]:
+    """This machine's CPU time in jiffies from ``/proc/stat`` (not per namespace: every emulated host shares
+    the machine's cores): ``busy`` (all but idle and iowait) and, of it, ``system`` and ``softirq``."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return {"busy": user + nice + system + irq + softirq + steal, "system": system, "softirq": softirq}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--method", required=True)
@@ -136,6 +144,9 @@ def main() -> None:
     dist.barrier()
     _log("model and optimizer built, training starts")
     before = _counters(ifname) if local_rank == 0 else None
+    # CPU of this rank over the loop (user and kernel, from os.times) and, on rank 0, of the whole machine: on
+    # two shared cores, the kernel's TCP work of one congestion control against another shows here
+    cpu0, machine0 = os.times(), _machine_cpu() if rank == 0 else None
     for step in range(a.steps):
         if step in eval_steps:
             clock[step] = train_s
@@ -155,6 +166,7 @@ def main() -> None:
         losses.append(loss.item())
         if progress is not None:
             os.pwrite(progress, f"{step + 1:>10}".encode(), 0)
+    cpu1, machine1 = os.times(), _machine_cpu() if rank == 0 else None
     if isinstance(opt, DecentOptimWrapper) and hasattr(opt, "finish"):
         opt.finish()  # the rounds still in flight (max_delay > 1) land before the counters are read
     dist.barrier()  # every rank is done (and the last round has landed) before the counters are read
@@ -184,6 +196,9 @@ def main() -> None:
         "setup": None if anchor is None else anchors.describe(anchor, inner),
         "param_bytes": sum(q.numel() * q.element_size() for q in params),
         "counters": None if before is None or after is None else {k: after[k] - before[k] for k in before},
+        "cpu_s": {"user": cpu1.user - cpu0.user, "system": cpu1.system - cpu0.system},
+        "machine_cpu_s": None if machine0 is None or machine1 is None else
+        {k: (machine1[k] - machine0[k]) / os.sysconf("SC_CLK_TCK") for k in machine0},
     }
     (a.out / f"rank{rank}.json").write_text(json.dumps(out))
     _log(f"scored {len(scored)} evaluation points; done")

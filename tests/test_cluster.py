@@ -168,6 +168,11 @@ def test_toy_comparison_runs_every_method_over_the_shaped_links(tmp_path: Path) 
         assert r["local_bytes_per_host_step"] < 1e4  # one rank per host: nothing between local ranks
         # the host's own TCP retransmissions (its namespace's /proc/net/snmp), a count per step
         assert isinstance(r["tcp_retrans_per_host_step"], float) and r["tcp_retrans_per_host_step"] >= 0
+        # CPU over the 6 steps: the machine's (/proc/stat) holds both ranks' own (os.times), to within the
+        # 10 ms ticks both count in
+        ranks_ms = 2 * (r["cpu_user_ms_per_rank_step"] + r["cpu_system_ms_per_rank_step"]) * 6
+        assert ranks_ms > 0 and r["machine_busy_ms_per_step"] * 6 >= ranks_ms - 100, (method, r)
+        assert 0 <= r["machine_softirq_ms_per_step"] <= r["machine_busy_ms_per_step"]
     assert "Target validation loss" in stdout and "one-peer-exp" in stdout
     for png in ("val_loss_vs_time.png", "val_loss_vs_step.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
