@@ -203,7 +203,7 @@ def summarise(method: str, per_rank: list[dict[str, Any]], cfg: dict[str, Any]) 
         # runs recorded before this counter existed: None
         "tcp_retrans_per_host_step": (statistics.mean(c["tcp_retrans"] for c in hosts) / steps
                                       if all("tcp_retrans" in c for c in hosts) else None),
-        # CPU per step over the whole loop (runs recorded before these existed: None): each rank's own, the
+        # CPU per step over the whole loop (runs recorded before these existed: None): each rank's own, as the
         # mean over ranks, and the machine's (every emulated host shares its cores)
         **_cpu_per_step(per_rank, steps),
         "final_val_loss": points[-1][2],

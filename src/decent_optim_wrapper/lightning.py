@@ -148,14 +148,14 @@ class DecentralizedStrategy(DDPStrategy):
                                        description="Decentralized (gossip) data parallel with DecentOptimWrapper")
 
     def setup_distributed(self) -> None:
-        created = not dist.is_initialized()
-        super().setup_distributed()
+        created = not (dist.is_available() and dist.is_initialized())
+        super().setup_distributed()  # initialises the group unless one exists (or raises)
         # Lightning destroys the process group it created at exit only for NCCL. Left to interpreter shutdown, a
         # gloo group aborts the process ("terminate called without an active exception") whenever a worker
         # thread is still releasing the tensors of a finished collective: it needs the GIL, which a finalising
         # interpreter no longer hands out (torch 2.15; 22 of 30 three-rank torchrun jobs that end on an
         # all_reduce). Destroying the group at exit joins those threads first.
-        if created and dist.is_initialized() and dist.get_backend() != "nccl":
+        if created and self._process_group_backend != "nccl":  # Lightning's own condition for its hook
             atexit.register(_destroy_process_group_at_exit)
 
     # ------------------------------------------------------------------ precision: keep every rank stepping
