@@ -113,7 +113,7 @@ def check(summary: Path, loopback: Path, cores: int, recorded: dict[str, dict[st
 
                 def round_work(k: int, w: int, mats: list[tuple[int, int]] = mats, r: int = low.rank,
                                dense: float = dense) -> float:
-                    return work(k, w) * dense + lowrank_work(mats, r)
+                    return work(k, w) * dense + (k - 1) * lowrank_work(mats, r)  # edge by edge: k-1 edges
             pred = predict_gossip(topology, n, model_bytes, compute, net, local, wire_bytes, round_work, step,
                                   max_delay=kw.get("max_delay", 1), gossip_every=kw.get("gossip_every", 1),
                                   lowrank=layout)

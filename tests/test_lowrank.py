@@ -90,7 +90,7 @@ def _gossip_only(rank: int, world_size: int, topology: str, max_delay: int, roun
 
 
 @pytest.mark.slow  # 1,000 rounds on 4 ranks, three ways
-@pytest.mark.parametrize("topology,max_delay", [("ring", 1), ("one-peer-exp", 2), ("torus", 3)])
+@pytest.mark.parametrize("topology,max_delay", [("ring", 1), ("one-peer-exp", 2), ("torus", 3), ("complete", 2)])
 def test_the_global_mean_is_kept_over_1000_rounds_and_consensus_shrinks(topology: str, max_delay: int) -> None:
     rounds = 1000
     out = run_ranks(_gossip_only, 4, topology, max_delay, rounds, 2, timeout=300)
@@ -105,11 +105,12 @@ def test_the_global_mean_is_kept_over_1000_rounds_and_consensus_shrinks(topology
     assert d[2] < d[1] < d[0] and d[2] < 0.05 * d[0], d  # consensus: the workers agree far better than at the start
 
 
-def test_the_mean_is_kept_and_consensus_shrinks_in_a_few_rounds() -> None:
-    out = run_ranks(_gossip_only, 4, "one-peer-exp", 2, 40, 2)
+@pytest.mark.parametrize("topology,world_size", [("one-peer-exp", 4), ("complete", 3)])  # pairs; a group of three
+def test_the_mean_is_kept_and_consensus_shrinks_in_a_few_rounds(topology: str, world_size: int) -> None:
+    out = run_ranks(_gossip_only, world_size, topology, 2, 40, 2)
     for k in range(len(out[0]["start"])):
         drift = float((sum(o["end"][k] for o in out) - sum(o["start"][k] for o in out)).abs().max())
-        assert drift <= 4 * 40 * max(o["ulp"] for o in out)
+        assert drift <= world_size * 40 * max(o["ulp"] for o in out)
     d = out[0]["distances"]
     assert d[2] < d[1] < d[0]
 
@@ -159,13 +160,18 @@ def test_bytes_sent_match_the_formula() -> None:
     assert out[0]["rounds"] == rounds
     full = (40 * 24 + 40 + 6 * 40 + 6) * 4 * rounds
     assert expected < full / 5  # a fifth of full precision at this size
+    # complete on 3 ranks: every round one group of three; the factors go edge by edge, to each of the two others
+    # (both edges' sides take turns together), the biases in a float32 ring all-reduce (2(k-1)/k of their bytes)
+    out = run_ranks(_gossip_only, 3, "complete", 1, rounds, 2)
+    trio = sum((64 + 32) * 4 * 4 // 3 + 2 * factors[k % 2] for k in range(rounds))
+    assert [o["bytes"] for o in out] == [trio] * 3
 
 
-def _resume(rank: int, world_size: int, path: str, max_delay: int) -> bool:
+def _resume(rank: int, world_size: int, path: str, max_delay: int, topology: str = "ring") -> bool:
     def build() -> tuple[torch.nn.Module, DecentOptimWrapper]:
         torch.manual_seed(rank)
         model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
-        return model, DecentOptimWrapper(torch.optim.Adam(model.parameters(), lr=1e-2), topology="ring",
+        return model, DecentOptimWrapper(torch.optim.Adam(model.parameters(), lr=1e-2), topology=topology,
                                          compression=LowRank(rank=1), max_delay=max_delay)
 
     def train(model: torch.nn.Module, opt: DecentOptimWrapper, steps: range) -> None:
@@ -200,10 +206,16 @@ def test_resume_with_low_rank_rounds_in_flight_is_bit_for_bit(tmp_path: Path, ma
     assert run_ranks(_resume, 4, str(tmp_path), max_delay) == [True] * 4
 
 
-def _facade(rank: int, world_size: int) -> float:
+@pytest.mark.slow  # the same resume, edge by edge
+def test_resume_with_rounds_in_flight_in_a_group_of_four_is_bit_for_bit(tmp_path: Path) -> None:
+    # complete on 4 ranks: every member has three edges, each with bases of its own and a round in flight
+    assert run_ranks(_resume, 4, str(tmp_path), 2, "complete") == [True] * 4
+
+
+def _facade(rank: int, world_size: int, topology: str) -> float:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-    ddp = DecentralizedDataParallel(model, lambda ps: torch.optim.SGD([p for _, p in ps], lr=0.1), topology="ring",
+    ddp = DecentralizedDataParallel(model, lambda ps: torch.optim.SGD([p for _, p in ps], lr=0.1), topology=topology,
                                     compression=LowRank(rank=1))
     with torch.no_grad():
         for p in model.parameters():
@@ -218,8 +230,9 @@ def _facade(rank: int, world_size: int) -> float:
 
 
 @pytest.mark.slow  # the facade's plumbing; the arithmetic is the wrapper's
-def test_decentralized_data_parallel_gossips_low_rank() -> None:
-    assert all(ratio < 0.5 for ratio in run_ranks(_facade, 4))
+@pytest.mark.parametrize("topology,world_size", [("ring", 4), ("complete", 3)])  # pairs; edge by edge
+def test_decentralized_data_parallel_gossips_low_rank(topology: str, world_size: int) -> None:
+    assert all(ratio < 0.5 for ratio in run_ranks(_facade, world_size, topology))
 
 
 def test_bad_rank_is_a_value_error() -> None:
@@ -240,9 +253,52 @@ def _refused(rank: int, world_size: int, topology: str, differ: bool) -> str:
     return "constructed"
 
 
-def test_a_topology_with_larger_groups_is_refused_on_every_rank() -> None:
-    results = run_ranks(_refused, 3, "complete", False)
-    assert all("needs a topology of pairs" in r and "the group [0, 1, 2] of 3 ranks" in r for r in results), results
+def _one_round_in_a_group_of_three(rank: int, world_size: int) -> dict:
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 4))
+    opt = DecentOptimWrapper(torch.optim.SGD(m.parameters(), lr=0.1), topology="complete",
+                             compression=LowRank(rank=2))
+    with torch.no_grad():  # the ranks differ
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(rank + 10 * p.numel())))
+    g = torch.Generator().manual_seed(100 + rank)
+    m(torch.randn(3, 5, generator=g)).square().mean().backward()
+    grads = [p.grad.detach().double().clone() for p in m.parameters()]  # type: ignore[union-attr]
+    before = [p.detach().double().clone() for p in m.parameters()]
+    opt.step()  # the local step, then round 0 is launched
+    bases = {k: v.double().clone() for k, v in opt.state_dict()["decent_optim_wrapper"]["lowrank"]["0-1-2"].items()
+             if not k.endswith("/right")}
+    sides = {k: v for k, v in opt.state_dict()["decent_optim_wrapper"]["lowrank"]["0-1-2"].items()
+             if k.endswith("/right")}
+    opt.finish()  # ... and applied
+    return {"before": before, "grads": grads, "after": [p.detach().double().clone() for p in m.parameters()],
+            "bases": bases, "sides": sides}
+
+
+def test_a_group_of_three_gossips_edge_by_edge_by_hand() -> None:
+    # complete on 3 ranks, LowRank(rank=2), one SGD step then one round. The oracle, in float64 from the bases the
+    # ranks hold: y_i = x_i - lr g_i, then for each matrix x_i <- y_i + 1/3 sum_{j != i} (y_j - y_i) Q Q^T, with Q
+    # the edge's basis (a right side in the first round), and the biases (vectors travel whole) the group's mean
+    out = run_ranks(_one_round_in_a_group_of_three, 3)
+    y = [[b - 0.1 * g for b, g in zip(o["before"], o["grads"])] for o in out]
+    weights = [0, 2]  # the parameters that are matrices, 7x5 and 4x7: rank-2 factors are smaller than either
+    for i, o in enumerate(out):
+        others = [j for j in range(3) if j != i]
+        # every member holds one basis per edge and matrix; both members of an edge hold the same one
+        assert sorted(o["bases"]) == sorted(f"{j}:0/{m}" for j in others for m in range(2)), sorted(o["bases"])
+        for j in others:
+            for m in range(2):
+                assert torch.equal(o["bases"][f"{j}:0/{m}"], out[j]["bases"][f"{i}:0/{m}"])
+                assert o["sides"][f"{j}:0/{m}/right"] is True
+        for m, k in enumerate(weights):
+            want = y[i][k].clone()
+            for j in others:
+                q_t = o["bases"][f"{j}:0/{m}"]  # r x cols, Q^T
+                want += (y[j][k] - y[i][k]) @ q_t.t() @ q_t / 3
+            assert torch.allclose(o["after"][k], want, rtol=0, atol=1e-6), (i, k)
+            assert not torch.allclose(want, sum(y[r][k] for r in range(3)) / 3, atol=1e-3)  # not the full average
+        for k in (1, 3):  # biases: the exact mean of the three (all-reduce of c*x, float32)
+            assert torch.allclose(o["after"][k], sum(y[r][k] for r in range(3)) / 3, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow  # the same agreement check as every other argument's (tests/test_delay.py)

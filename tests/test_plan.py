@@ -16,6 +16,7 @@ from decent_optim_wrapper.topo import Group, TopologyFactory
 from decent_optim_wrapper.transport import (
     AllGatherCompressed,
     AllReduceSum,
+    LowRankEdges,
     P2PPair,
     P2PPairCompressed,
     P2PPairLowRank,
@@ -38,6 +39,8 @@ BF16 = GossipConfig(wire_dtype=torch.bfloat16)
     (BF16, "gloo", CPU, 4, "wire", (AllReduceSum, None, 1)),  # a float32 ring all-reduce sends less
     (GossipConfig(compression=LowRank(2)), "gloo", CPU, 2, "lowrank", (P2PPairLowRank, None, 2)),
     (GossipConfig(compression=LowRank(2)), "nccl", CUDA, 2, "lowrank", (P2PPairLowRank, None, 1)),
+    (GossipConfig(compression=LowRank(2)), "gloo", CPU, 3, "lowrank", (LowRankEdges, None, 2)),  # edge by edge
+    (GossipConfig(compression=LowRank(2)), "nccl", CUDA, 4, "lowrank", (LowRankEdges, None, 1)),
 ])
 def test_routes_by_hand(config: GossipConfig, backend: str, device: torch.device, size: int, kind: str,
                         want: tuple) -> None:
@@ -55,11 +58,12 @@ def test_what_travels_how_and_what_cannot() -> None:
     assert plan.lowrank(torch.empty(64, 32)) and plan.lowrank(torch.empty(16, 2, 3, 3))  # 16 x 18
     assert not plan.lowrank(torch.empty(64)) and not plan.lowrank(torch.empty(4, 100))  # 400 == 400
     assert not Plan().lowrank(torch.empty(64, 32))  # no compression
-    assert "needs a topology of pairs" in str(plan.problem(Group((0, 1, 2))))
     assert "use NCCL" in str(Plan(plan.config, "gloo", CUDA).problem(Group((0, 1))))
-    assert plan.problem(Group((0, 1))) is None and Plan().problem(Group((0, 1, 2))) is None
-    with pytest.raises(ValueError, match="needs a topology of pairs"):
-        plan.route(Group((0, 1, 2)), "lowrank")
+    assert "use NCCL" in str(Plan(plan.config, "gloo", CUDA).problem(Group((0, 1, 2))))
+    assert plan.problem(Group((0, 1))) is None and plan.problem(Group((0, 1, 2))) is None
+    assert Plan().problem(Group((0, 1, 2))) is None
+    with pytest.raises(ValueError, match="use NCCL"):
+        Plan(plan.config, "gloo", CUDA).route(Group((0, 1, 2)), "lowrank")
     with pytest.raises(ValueError, match="Invalid kind='fp8'"):
         plan.route(Group((0, 1)), "fp8")
 
@@ -74,6 +78,8 @@ def test_bytes_of_a_round_by_hand() -> None:
     low = Plan(GossipConfig(compression=LowRank(rank=2)))
     # rank 2, a 40x24 matrix: 80 or 48 floats a round, sides taking turns
     assert low.route(pair, "lowrank").bytes(0, 4, [(40, 24)]) == (80 + 48) / 2 * 4
+    # a larger group, edge by edge: as much to each of the k-1 other members
+    assert low.route(quad, "lowrank").bytes(0, 4, [(40, 24)]) == 3 * (80 + 48) / 2 * 4
 
 
 def test_process_groups_by_hand() -> None:

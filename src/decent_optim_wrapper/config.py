@@ -34,7 +34,9 @@ class LowRank:
     Applies to every parameter with two or more dimensions (viewed as ``(shape[0], -1)``) where the factors are
     smaller than the matrix; the other parameters travel as without compression (in ``wire_dtype`` if one is
     set). Both members compute the same approximation to the last bit and apply equal and opposite corrections,
-    so the global mean is kept. Needs a topology of pairs (``ring``, ``one-peer-exp``, ``torus``).
+    so the global mean is kept. A group of more than two (``complete``, ``alternating-exp-ring``'s intra-node rounds
+    with three or more ranks per node) goes edge by edge: each member exchanges factors with every other member,
+    ``k-1`` a round.
     """
 
     rank: int = 1

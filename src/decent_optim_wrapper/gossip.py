@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,10 @@ from .comm import Failure, GossipError, Op, ProcessGroups, Stamp, StampExchange,
 from .config import GossipConfig
 from .plan import Plan
 from .topo import Group, Schedule
-from .transport import P2PPairLowRank, Piece, Transport
+from .transport import LowRankEdges, P2PPairLowRank, Piece, Transport
+
+# Transports with per-edge state (low-rank bases) that a checkpoint keeps
+_LOWRANK = (P2PPairLowRank, LowRankEdges)
 
 __all__ = ["Gossip", "CommStats", "Shadow", "next_instance"]
 
@@ -209,7 +212,7 @@ class Gossip:
 
     def buffer_bytes(self) -> int:
         """Persistent extra memory, in bytes: the communication buffers and low-rank gossip's per-edge bases."""
-        bases = [b for t in self._transports.values() if isinstance(t, P2PPairLowRank) for _, b in t.bases.values()]
+        bases = [b for t in self._transports.values() if isinstance(t, _LOWRANK) for _, b in t.bases.values()]
         return sum(t.numel() * t.element_size() for t in [*self._buffers.values(), *bases])
 
     def add_buckets(self, buckets: list[Bucket]) -> None:
@@ -525,7 +528,7 @@ class Gossip:
         state: dict[str, Any] = {"round": self.round, "step": self.step, "pending": bool(rounds), "buckets": flats,
                                  "inflight": rounds}
         lowrank = {"-".join(map(str, ranks)): t.state() for (ranks, kind), t in self._transports.items()
-                   if isinstance(t, P2PPairLowRank)}
+                   if isinstance(t, _LOWRANK)}
         if lowrank:  # the warm starts of low-rank gossip: per edge, per matrix
             state["lowrank"] = lowrank
         if rounds and rounds[0]["sent"]:
@@ -566,7 +569,7 @@ class Gossip:
                         for r in rounds]
         for key, bases in (state.get("lowrank") or {}).items():
             transport = self._transports.get((tuple(int(r) for r in key.split("-")), "lowrank"))
-            if isinstance(transport, P2PPairLowRank):
+            if isinstance(transport, _LOWRANK):
                 transport.load_state(bases)
 
     # ------------------------------------------------------------------ helpers
@@ -587,6 +590,10 @@ class Gossip:
         """The transport of :meth:`Plan.route`, connected: its process groups and peer."""
         assert self.groups is not None
         route = self.plan.route(group, kind)
+        if route.transport is LowRankEdges:  # a larger group: an edge with every other member, in ascending order
+            c = group.peer_weight
+            return LowRankEdges(group, self.rank, [cast(P2PPairLowRank, self._make_transport(
+                Group((min(self.rank, o), max(self.rank, o)), 1.0 - c), kind)) for o in group.ranks if o != self.rank])
         peer = None
         if group.size == 2:
             other = group.ranks[0] if group.ranks[1] == self.rank else group.ranks[1]

@@ -4,7 +4,7 @@ A :class:`Plan` is a pure description of what a :class:`~decent_optim_wrapper.co
 backend and a device; it holds no process group and no tensor. It answers:
 
 * how each parameter travels (:meth:`Plan.lowrank`) and so each bucket (:meth:`Plan.kind`): ``"full"``
-  precision, ``"wire"`` (rounded to ``wire_dtype``) or ``"lowrank"`` (factors of a pair's difference);
+  precision, ``"wire"`` (rounded to ``wire_dtype``) or ``"lowrank"`` (factors of an edge's difference);
 * for each group and kind, the :class:`Route`: the transport, its wire format, on how many connections, and the
   bytes a member sends per round (:meth:`Route.bytes`);
 * which process groups a schedule needs, in the order every rank must create them (:meth:`Plan.process_groups`);
@@ -32,6 +32,7 @@ from .transport import (
     COMPRESSED_GATHER_MAX,
     AllGatherCompressed,
     AllReduceSum,
+    LowRankEdges,
     P2PPair,
     P2PPairCompressed,
     P2PPairLowRank,
@@ -75,10 +76,11 @@ class Route:
     def bytes(self, numel: int | float, element_size: int = 4, matrices: Sequence[tuple[int, int]] = ()) -> float:
         """Bytes one member sends in a round of ``numel`` elements of ``element_size`` bytes (ring all-reduce and
         all-gather: the usual ``2(k-1)/k`` and ``k-1``). Low-rank: ``r`` columns of one side of each of
-        ``matrices`` (``(rows, cols)``), the sides taking turns, so the mean of the two."""
+        ``matrices`` (``(rows, cols)``), the sides taking turns, so the mean of the two, to each of the ``k-1``
+        other members (edge by edge)."""
         if self.kind == "lowrank":
             r = self.lowrank_rank or 1
-            return sum(r * (rows + cols) / 2 for rows, cols in matrices) * element_size
+            return sum(r * (rows + cols) / 2 for rows, cols in matrices) * element_size * (len(self.ranks) - 1)
         wire = element_size if self.wire_dtype is None else _size(self.wire_dtype)
         return self.transport.wire_bytes(len(self.ranks), numel, wire)
 
@@ -122,15 +124,10 @@ class Plan:
         return self.device.type == "cpu" and "nccl" not in self.backend and not self.one_connection
 
     def problem(self, group: Group) -> str | None:
-        """Why ``group`` cannot gossip as configured, or ``None``. Low-rank gossip needs pairs (a larger group's
-        members would each need the factors of their difference to every other member: refused rather than sent
-        edge by edge) that travel point to point (gloo has none for CUDA tensors)."""
+        """Why ``group`` cannot gossip as configured, or ``None``. Low-rank gossip travels point to point, edge by
+        edge (gloo has no point to point for CUDA tensors)."""
         if self.config.compression is None or group.size < 2:
             return None
-        if group.size > 2:
-            return (f"Invalid compression=LowRank(...) with the group {list(group.ranks)} of {group.size} ranks: "
-                    "low-rank gossip exchanges the factors of a pair's difference, so it needs a topology of pairs "
-                    "(ring, one-peer-exp, torus; alternating-exp-ring with one rank per node).")
         if self.device.type == "cuda" and "nccl" not in self.backend:
             return ("Invalid compression=LowRank(...) with CUDA tensors on gloo: it sends point to point, which gloo "
                     "cannot do for CUDA tensors; use NCCL.")
@@ -151,7 +148,9 @@ class Plan:
           every member's rounded values (a low-precision all-reduce would round the sum itself, and the mean would
           drift): each member sends ``2(k-1)`` bytes per element in bfloat16 against ``8(k-1)/k`` for a float32
           ring all-reduce, which is less only for ``k < 4``; larger groups stay in full precision.
-        * Low-rank buckets: pairs, point to point (see :meth:`problem`).
+        * Low-rank buckets: point to point, a pair's edge, or a larger group's every edge of this member (``k-1``
+          projections a round). Measured against full precision for those groups: ``benchmarks/README.md``,
+          "Low-rank gossip in larger groups".
 
         ``config.pair_transport`` (``"p2p"`` or ``"allreduce"``) overrides the choice for full-precision pairs.
         """
@@ -164,7 +163,7 @@ class Plan:
             problem = self.problem(group)
             if problem is not None:
                 raise ValueError(problem)
-            cls = P2PPairLowRank
+            cls = P2PPairLowRank if group.size == 2 else LowRankEdges
         elif group.size == 2 and p2p_ok and wire is not None:
             cls = P2PPairCompressed
         elif group.size == 2 and p2p_ok and self.config.pair_transport != "allreduce":

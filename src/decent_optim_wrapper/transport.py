@@ -16,6 +16,10 @@ transport                what travels                                           
 ``P2PPairCompressed``    a pair swaps its buckets rounded to the wire dtype                  ``compressed_pair_mix_``
 ``AllGatherCompressed``  every member's rounded bucket gathered on every member (the sum is  ``compressed_mix_``
                          then formed exactly, identically on every member)
+``P2PPairLowRank``       a pair swaps the projections of its matrices on the edge's shared   ``lowrank_correction_``
+                         basis (per-edge state, warm-started)
+``LowRankEdges``         a larger group: ``P2PPairLowRank`` with every other member          ``lowrank_correction_``
+                         (``k-1`` projections a round)
 =======================  ==================================================================  ========================
 
 **What was sent.** Every transport sends a copy made at launch, never the parameters themselves: the full-precision
@@ -64,7 +68,7 @@ from .mixing import (
 from .topo import Group
 
 __all__ = ["Transport", "Piece", "PIECE", "P2PPair", "AllReduceSum", "P2PPairCompressed", "AllGatherCompressed",
-           "P2PPairLowRank", "PAIR_TRANSPORTS"]
+           "P2PPairLowRank", "LowRankEdges", "PAIR_TRANSPORTS"]
 
 # A buffer of the gossip state: (bucket index, slot, dtype[, numel]) -> tensor (default: the size of the bucket).
 BufferFn = Callable[..., torch.Tensor]
@@ -327,8 +331,12 @@ class P2PPairLowRank(Transport):
             self.bases[i, j] = (True, q.t().contiguous().to(device=like.device, dtype=like.dtype))
         return self.bases[i, j]
 
+    def sent_numel(self, i: int) -> int:
+        """Elements of what a round sends of bucket ``i`` and keeps for a checkpoint: projections, bases, sides."""
+        return 2 * self._room(i) + len(self.layout(i))
+
     def sent(self, ids: list[int], buffer: BufferFn, flats: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [buffer(i, 1, f.dtype, 2 * self._room(i) + len(self.layout(i))) for f, i in zip(flats, ids)]
+        return [buffer(i, 1, f.dtype, self.sent_numel(i)) for f, i in zip(flats, ids)]
 
     def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0,
                resend: bool = False) -> list[Piece]:
@@ -401,3 +409,73 @@ class P2PPairLowRank(Transport):
             if not key.endswith("/right"):
                 i, j = (int(v) for v in key.split("/"))
                 self.bases[i, j] = (bool(state[f"{key}/right"]), value.clone())
+
+
+class LowRankEdges(Transport):
+    """Low-rank gossip in a group of three or more, edge by edge: this member runs a :class:`P2PPairLowRank` with
+    each other member, with the group's peer weight ``c``, so that
+
+        x_i <- x_i + c * sum_{j != i} approx_ij(x_j - x_i)
+
+    where ``approx_ij`` is the edge's rank-``r`` approximation, the same to the last bit on both of its members
+    (equal and opposite corrections: the group's sum is kept up to the final additions' rounding). With exact
+    differences this is the group's average. Each ``approx_ij`` is an orthogonal projection of the difference (the
+    same on both members), so the round moves the members no further apart or past each other than the average
+    would: with ``c <= 1/k`` it never overshoots. Each edge keeps its own bases (warm-started round after round).
+
+    A member sends ``k - 1`` projections a round. The edges run in ascending order of the peer's rank, which is
+    the order of the edges ``(low, high)`` on every member: NCCL (which ignores tags and runs each exchange as a
+    batch of its own) never waits in a cycle. Buffers: edge ``e`` uses the ``e``-th part of the group's, so that
+    what a round sent (:meth:`sent`) is one tensor per bucket, as a checkpoint keeps it.
+    """
+
+    point_to_point = True
+    sends_a_copy = False
+
+    def __init__(self, group: Group, rank: int, edges: list[P2PPairLowRank]) -> None:
+        super().__init__(group, rank, None)
+        if len(edges) != group.size - 1:
+            raise ValueError(f"internal error: {len(edges)} edges for rank {rank} in group {list(group.ranks)}")
+        self.edges = edges
+
+    def other(self, edge: P2PPairLowRank) -> int:
+        """The gossip-world rank of ``edge``'s other member."""
+        return next(r for r in edge.group.ranks if r != self.rank)
+
+    def _edge_buffer(self, buffer: BufferFn, e: int) -> BufferFn:
+        n = len(self.edges)
+
+        def part(i: int, slot: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
+            return buffer(i, slot, dtype, n * numel)[e * numel:(e + 1) * numel]
+        return part
+
+    def sent(self, ids: list[int], buffer: BufferFn, flats: list[torch.Tensor]) -> list[torch.Tensor]:
+        n = len(self.edges)
+        return [buffer(i, 1, f.dtype, n * self.edges[0].sent_numel(i)) for f, i in zip(flats, ids)]
+
+    def launch(self, flats: list[torch.Tensor], ids: list[int], buffer: BufferFn, tag: int = 0,
+               resend: bool = False) -> list[Piece]:
+        # Every edge's messages may share tags: they go to different peers, and gloo matches tags per peer.
+        return [piece for e, edge in enumerate(self.edges)
+                for piece in edge.launch(flats, ids, self._edge_buffer(buffer, e), tag, resend)]
+
+    @classmethod
+    def wire_bytes(cls, k: int, numel: int | float, element_size: int) -> float:
+        raise TypeError("low-rank bytes depend on the matrices: see Route.bytes")
+
+    def bytes_sent(self, flats: list[torch.Tensor], ids: list[int]) -> int:
+        return sum(edge.bytes_sent(flats, ids) for edge in self.edges)
+
+    @property
+    def bases(self) -> dict[tuple[int, int, int], tuple[bool, torch.Tensor]]:
+        """Every edge's bases: ``(other member, bucket, matrix) -> (right, basis^T)``."""
+        return {(self.other(edge), i, j): v for edge in self.edges for (i, j), v in edge.bases.items()}
+
+    def state(self) -> dict[str, Any]:
+        """Every edge's :meth:`P2PPairLowRank.state`, keys prefixed with the other member's rank: ``"j:..."``."""
+        return {f"{self.other(edge)}:{k}": v for edge in self.edges for k, v in edge.state().items()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for edge in self.edges:
+            prefix = f"{self.other(edge)}:"
+            edge.load_state({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

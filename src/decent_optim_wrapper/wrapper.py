@@ -89,7 +89,7 @@ class DecentOptimWrapper(Optimizer, Joinable):
             ``GossipError`` that names it, before the values spread (costs two reductions and, on CUDA, two host
             synchronisations per step).
         compression: ``LowRank(rank=r)``: pairs exchange rank-``r`` factors of the difference of their matrices
-            (PowerGossip) instead of the matrices; default ``None``.
+            (PowerGossip) instead of the matrices, larger groups edge by edge; default ``None``.
         max_delay: a round launched after step ``t`` is applied at step ``t + max_delay * gossip_every``: its
             transfer overlaps that many forward/backward passes and optimizer steps. 1 (the default) is
             decent-optim-wrapper 0.1's order, bit for bit.
@@ -869,7 +869,7 @@ def _config(config: Any, given: dict[str, Any]) -> GossipConfig:
 
 def _check_lowrank(config: GossipConfig, schedule: Schedule, rank: int, params: list[torch.Tensor],
                    process_group: dist.ProcessGroup | None) -> None:
-    """``ValueError`` where low-rank gossip cannot run: a group of more than two, CUDA tensors on gloo."""
+    """``ValueError`` where low-rank gossip cannot run: CUDA tensors on gloo (no point to point)."""
     device = params[0].device if params else torch.device("cpu")
     backend = str(dist.get_backend(process_group)) if dist.is_available() and dist.is_initialized() else "gloo"
     plan = Plan(config, backend, device)
