@@ -85,7 +85,7 @@ def _gossip_only(rank: int, world_size: int, topology: str, max_delay: int, roun
     opt.finish()
     distances.append(opt.consensus_distance())
     return {"start": start, "end": [p.detach().double().clone() for p in m.parameters()], "distances": distances,
-            "bytes": opt.comm_stats.bytes_sent, "rounds": opt.comm_stats.rounds,
+            "bytes": opt.comm_stats.bytes_sent, "rounds": opt.comm_stats.rounds, "memory": opt.gossip.buffer_bytes(),
             "ulp": max(float(p.detach().abs().max()) for p in m.parameters()) * 2.0 ** -24}
 
 
@@ -158,6 +158,12 @@ def test_bytes_sent_match_the_formula() -> None:
     expected = sum(dense + factors[k % 2] for k in range(rounds))
     assert [o["bytes"] for o in out] == [expected, expected]
     assert out[0]["rounds"] == rounds
+    # memory (README, "Persistent extra memory"): the biases' bucket a snapshot and a receive buffer, 2 * 96 floats;
+    # the factors' bucket what a round sends (projections and the bases they were taken on, room for each matrix's
+    # wider side: 2 * (2*40 + 2*40) floats, and one side flag per matrix) and a receive buffer (2*40 + 2*40); the
+    # edge's bases, after an even number of rounds on the right side: 2 x 24 and 2 x 40
+    pair_memory = (2 * 96 + (2 * 160 + 2) + 160 + (2 * 24 + 2 * 40)) * 4
+    assert [o["memory"] for o in out] == [pair_memory] * 2
     full = (40 * 24 + 40 + 6 * 40 + 6) * 4 * rounds
     assert expected < full / 5  # a fifth of full precision at this size
     # complete on 3 ranks: every round one group of three; the factors go edge by edge, to each of the two others
@@ -165,6 +171,9 @@ def test_bytes_sent_match_the_formula() -> None:
     out = run_ranks(_gossip_only, 3, "complete", 1, rounds, 2)
     trio = sum((64 + 32) * 4 * 4 // 3 + 2 * factors[k % 2] for k in range(rounds))
     assert [o["bytes"] for o in out] == [trio] * 3
+    # the biases' all-reduce keeps a snapshot and a sum buffer; each of the two edges the pair's factor buffers and
+    # bases
+    assert [o["memory"] for o in out] == [(2 * 96 + 2 * ((2 * 160 + 2) + 160 + (2 * 24 + 2 * 40))) * 4] * 3
 
 
 def _resume(rank: int, world_size: int, path: str, max_delay: int, topology: str = "ring") -> bool:
@@ -174,16 +183,19 @@ def _resume(rank: int, world_size: int, path: str, max_delay: int, topology: str
         return model, DecentOptimWrapper(torch.optim.Adam(model.parameters(), lr=1e-2), topology=topology,
                                          compression=LowRank(rank=1), max_delay=max_delay)
 
-    def train(model: torch.nn.Module, opt: DecentOptimWrapper, steps: range) -> None:
+    def train(model: torch.nn.Module, opt: DecentOptimWrapper, steps: range, around_eval: int = -1) -> None:
         for step in steps:
             g = torch.Generator().manual_seed(100 * rank + step)
             opt.zero_grad()
             x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
+            if step == around_eval:  # evaluation on the average with rounds in flight, then back: nothing changes
+                opt.global_avg()
+                opt.revert_global_avg()
 
     model, opt = build()
-    train(model, opt, range(9))
+    train(model, opt, range(9), around_eval=3)
     opt.finish()
     uninterrupted = [p.detach().clone() for p in model.parameters()]
     model, opt = build()

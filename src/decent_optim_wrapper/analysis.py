@@ -271,7 +271,8 @@ def _time_on_one_core(run: Callable[[], None], repeats: int) -> float:
 def time_lowrank_work(matrices: Sequence[tuple[int, int]], rank: int = 1, repeats: int = 5) -> float:
     """Seconds one CPU core takes for a low-rank round's own work on ``matrices`` (``(rows, cols)``, float32):
     project each on the edge's basis, apply the correction, orthonormalise the next basis (both sides taking
-    turns: the mean of a right and a left round); the median of ``repeats``."""
+    turns: the mean of a right and a left round); the median of ``repeats``. That is one edge's work: a member of a
+    group of ``k`` does it ``k-1`` times a round (edge by edge)."""
     if rank < 1 or repeats < 1 or not matrices:
         raise ValueError(f"Invalid rank={rank}, repeats={repeats} or matrices={list(matrices)}: need rank >= 1, "
                          "repeats >= 1 and at least one matrix")
