@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from harness import run_ranks
+from torch.distributed.algorithms import Join
 
 from decent_optim_wrapper import DecentOptimWrapper, LowRank
 from decent_optim_wrapper.ddp import DecentralizedDataParallel
@@ -318,3 +319,44 @@ def test_ranks_with_different_ranks_of_approximation_are_refused_on_every_rank()
     results = run_ranks(_refused, 2, "ring", True)
     assert len(set(results)) == 1 and results[0].startswith("Ranks use different options"), results
     assert "LowRank(rank=2)" in results[0]
+
+
+STEPS_JOIN = [9, 5, 7]  # rank 1 runs out first, then rank 2: they stand in for the rounds of the ranks still going
+
+
+def _lowrank_in_join(rank: int, world_size: int, topology: str) -> dict:
+    torch.manual_seed(0)
+    m = torch.nn.Linear(12, 10)  # the weight travels as rank-2 factors, the bias as values
+    opt = DecentOptimWrapper(torch.optim.SGD(m.parameters(), lr=0.05), topology=topology, compression=LowRank(rank=2),
+                             timeout=30)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(rank)) * (1 + rank))
+    start = [p.detach().double().clone() for p in m.parameters()]
+    before = opt.consensus_distance()
+    updates = [torch.zeros_like(s) for s in start]  # what this rank's own SGD steps subtracted, in float64
+    with Join([opt]):
+        for step in range(STEPS_JOIN[rank]):
+            g = torch.Generator().manual_seed(10 * rank + step)
+            opt.zero_grad()
+            m(torch.randn(4, 12, generator=g)).square().mean().backward()
+            for u, p in zip(updates, m.parameters()):
+                u += 0.05 * p.grad.double()  # type: ignore[union-attr]
+            opt.step()
+    opt.finish()
+    return {"start": start, "end": [p.detach().double().clone() for p in m.parameters()], "updates": updates,
+            "round": opt.round, "ratio": opt.consensus_distance() / before,
+            "ulp": max(float(p.detach().abs().max()) for p in m.parameters()) * 2.0 ** -24}
+
+
+
+@pytest.mark.parametrize("topology", ["ring", "complete"])  # pairs; a group of three, edge by edge
+def test_ranks_that_run_out_of_inputs_stand_in_for_low_rank_rounds(topology: str) -> None:
+    out = run_ranks(_lowrank_in_join, 3, topology, timeout=120)
+    assert [o["round"] for o in out] == [max(STEPS_JOIN)] * 3  # every rank took part in every round
+    for k in range(2):
+        # the global sum moves by the local updates alone: every round, stood in for or not, keeps it (up to one
+        # float32 rounding per rank, round and update)
+        moved = sum(o["end"][k] for o in out) - sum(o["start"][k] for o in out) + sum(o["updates"][k] for o in out)
+        assert float(moved.abs().max()) <= 3 * 2 * max(STEPS_JOIN) * max(o["ulp"] for o in out), (topology, k)
+    assert all(o["ratio"] < 1 for o in out)
