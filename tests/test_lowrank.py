@@ -279,10 +279,9 @@ def _one_round_in_a_group_of_three(rank: int, world_size: int) -> dict:
     grads = [p.grad.detach().double().clone() for p in m.parameters()]  # type: ignore[union-attr]
     before = [p.detach().double().clone() for p in m.parameters()]
     opt.step()  # the local step, then round 0 is launched
-    bases = {k: v.double().clone() for k, v in opt.state_dict()["decent_optim_wrapper"]["lowrank"]["0-1-2"].items()
-             if not k.endswith("/right")}
-    sides = {k: v for k, v in opt.state_dict()["decent_optim_wrapper"]["lowrank"]["0-1-2"].items()
-             if k.endswith("/right")}
+    held = opt.state_dict()["decent_optim_wrapper"]["lowrank"]["0-1-2"]  # the group's bases, per edge
+    bases = {k: v.double().clone() for k, v in held.items() if not k.endswith("/right")}
+    sides = {k: v for k, v in held.items() if k.endswith("/right")}
     opt.finish()  # ... and applied
     return {"before": before, "grads": grads, "after": [p.detach().double().clone() for p in m.parameters()],
             "bases": bases, "sides": sides}
@@ -347,7 +346,6 @@ def _lowrank_in_join(rank: int, world_size: int, topology: str) -> dict:
     return {"start": start, "end": [p.detach().double().clone() for p in m.parameters()], "updates": updates,
             "round": opt.round, "ratio": opt.consensus_distance() / before,
             "ulp": max(float(p.detach().abs().max()) for p in m.parameters()) * 2.0 ** -24}
-
 
 
 @pytest.mark.parametrize("topology", ["ring", "complete"])  # pairs; a group of three, edge by edge

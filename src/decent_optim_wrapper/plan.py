@@ -149,7 +149,7 @@ class Plan:
           drift): each member sends ``2(k-1)`` bytes per element in bfloat16 against ``8(k-1)/k`` for a float32
           ring all-reduce, which is less only for ``k < 4``; larger groups stay in full precision.
         * Low-rank buckets: point to point, a pair's edge, or a larger group's every edge of this member (``k-1``
-          projections a round). Measured against full precision for those groups: ``benchmarks/README.md``,
+          projections a round). Measured against topologies of pairs and DDP + PowerSGD: ``benchmarks/README.md``,
           "Low-rank gossip in larger groups".
 
         ``config.pair_transport`` (``"p2p"`` or ``"allreduce"``) overrides the choice for full-precision pairs.
