@@ -1,18 +1,18 @@
 """Gossip over a torchft Manager (decent_optim_wrapper.ft): replicas die, survivors go on, a replica rejoins.
 
-Each test starts ``torchft_lighthouse`` on 127.0.0.1 and one process per replica (tests/ft_worker.py); a replica
-killed with SIGKILL dies for real. With ``lr = 0`` and integer starting values every pair average is exact in
-float64, so the survivors' mean is compared at ``rtol=atol=0`` with the value it must keep: their mean right after
-the last round the dead replica confirmed. With ``lr > 0`` and no failure, the run is compared with
-DecentOptimWrapper over a plain gloo world (the engine every other test checks), bit for bit.
+Each test starts torchft's lighthouse on 127.0.0.1 (tests/ft_lighthouse.py) and one process per replica
+(tests/ft_worker.py); a replica killed with SIGKILL dies for real. With ``lr = 0`` and integer starting values
+every pair average is exact in float64, so the survivors' mean is compared at ``rtol=atol=0`` with the value it
+must keep: their mean right after the last round the dead replica confirmed. With ``lr > 0`` and no failure, the
+run is compared with DecentOptimWrapper over a plain gloo world (the engine every other test checks), bit for bit.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +29,7 @@ from harness import free_port, run_ranks  # noqa: E402
 from decent_optim_wrapper import DecentOptimWrapper  # noqa: E402
 
 WORKER = Path(__file__).with_name("ft_worker.py")
+LIGHTHOUSE = Path(__file__).with_name("ft_lighthouse.py")
 HEARTBEAT_MS = 1000
 pytestmark = pytest.mark.timeout(300)
 # The drills start a lighthouse and 3-5 processes that import torch (10-40 s each): not in the fast lane.
@@ -36,10 +37,22 @@ drill = pytest.mark.slow
 
 
 def _lighthouse(port: int) -> subprocess.Popen[bytes]:
-    exe = shutil.which("torchft_lighthouse") or str(Path(sys.executable).with_name("torchft_lighthouse"))
-    return subprocess.Popen([exe, "--min_replicas", "1", "--join_timeout_ms", "1000", "--heartbeat_timeout_ms",
-                             str(HEARTBEAT_MS), "--quorum_tick_ms", "50", "--bind", f"127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """torchft's lighthouse on 127.0.0.1:``port``, accepting connections when this returns (see ft_lighthouse.py:
+    it starts in milliseconds, so the time it is down is the time a test says)."""
+    args = ["--min_replicas", "1", "--join_timeout_ms", "1000", "--heartbeat_timeout_ms", str(HEARTBEAT_MS),
+            "--quorum_tick_ms", "50", "--bind", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen([sys.executable, str(LIGHTHOUSE), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "error"})
+    end = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > end:
+                proc.kill()
+                raise RuntimeError(f"the lighthouse did not listen on port {port} (exit code {proc.wait()})") from None
+            time.sleep(0.01)
 
 
 class Cluster:
@@ -50,7 +63,6 @@ class Cluster:
         self.port = free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
         self.lighthouse = _lighthouse(self.port)
-        time.sleep(0.3)
 
     def start(self, replica: int, *extra: str, joiner: bool = False) -> subprocess.Popen[bytes]:
         args = [sys.executable, str(WORKER), "--replica", str(replica), "--replicas", str(self.n), "--lighthouse",
@@ -326,7 +338,9 @@ def test_a_lighthouse_restart_pauses_training_and_it_goes_on(tmp_path: Path) -> 
     """What happens (torchft 0.2): the quorum a replica asked for when the lighthouse went down fails after the
     manager's quorum_timeout; the wrapper asks again and the new lighthouse forms a quorum of the replicas that
     ask. A replica that got into it a step ahead of the others is their source: they heal from it (a copy: the
-    mean moves to its values). Nobody exits, and the replicas end together."""
+    mean moves to its values). Nobody exits, and the replicas end together. The new lighthouse numbers its quorums
+    from 1 again, so where its first quorum has every replica under the id they had, nothing is rebuilt (torchft
+    reconfigures on a new id only), and where it forms one of the first to ask, the wrapper sees a change."""
     replicas, steps = 3, 30
     with Cluster(tmp_path, replicas, steps=steps, topology="ring", step_time=0.2, timeout=5) as cluster:
         for r in range(replicas):
@@ -344,7 +358,6 @@ def test_a_lighthouse_restart_pauses_training_and_it_goes_on(tmp_path: Path) -> 
         assert 2 < pause < 2 + 5 + 10, gaps  # down 2 s, a quorum timeout (5 s), then at once (slack: a busy CPU)
         assert sorted(gaps)[len(gaps) // 2] < 1.5  # otherwise steady: 0.2 s a step
         assert records[0]["time"] < down < records[-1]["time"]
-        assert results[r]["stats"].quorums >= 2  # the new lighthouse numbers quorums anew (one or two forms)
     finals = torch.stack([results[r]["final"] for r in range(replicas)])
     assert torch.isfinite(finals).all()
 
@@ -353,7 +366,6 @@ def test_a_lighthouse_restart_pauses_training_and_it_goes_on(tmp_path: Path) -> 
 def lighthouse() -> Any:
     port = free_port()
     proc = _lighthouse(port)
-    time.sleep(0.3)
     yield f"http://127.0.0.1:{port}"
     proc.kill()
     proc.wait()
